@@ -1,0 +1,79 @@
+"""``create_app(config)``: builds the aiohttp application without doing any I/O.
+
+Resources and background tasks live in cleanup contexts, in dependency order: the store
+first, then the outbound HTTP session and the event sender, then the services that use them.
+aiohttp runs the contexts' exits in reverse and only for those whose start succeeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from daemon import __version__
+from daemon.auth import OperatorAuth
+from daemon.config import Config
+from daemon.events import EventSink
+from daemon.keys import DATABASE, EVENTS, LINKS, OPERATORS, PEERS, REMOTES, SETTINGS
+from daemon.links import LinkService
+from daemon.middleware import auth_middleware, request_context
+from daemon.models import Remote
+from daemon.peers import PeerClient, client_session
+from daemon.remotes import Change, Remotes
+from daemon.routes import setup_routes
+from daemon.settings import Settings
+from daemon.store import Database
+
+log = structlog.get_logger(__name__)
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the daemon's application for ``config``; nothing starts until it runs."""
+    app = web.Application(
+        middlewares=[request_context, auth_middleware],
+        client_max_size=config.server.max_frame_size,
+    )
+    app[SETTINGS] = Settings(config)
+    app[OPERATORS] = OperatorAuth(config.operators)
+    setup_routes(app)
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_clients)
+    app.cleanup_ctx.append(_services)
+    return app
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    config = app[SETTINGS].config
+    db = await Database.open(config.data_dir)
+    app[DATABASE] = db
+    remotes = Remotes(db)
+    await remotes.load()
+    app[REMOTES] = remotes
+    log.info("store.opened", path=str(db.path), remotes=len(remotes.all()))
+    yield
+    await db.close()
+    log.info("store.closed")
+
+
+async def _clients(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with client_session(f"remoteclusterd/{__version__}") as session:
+        app[PEERS] = PeerClient(session, max_body=settings.config.server.max_frame_size)
+        events = EventSink(settings, session)
+        app[EVENTS] = events
+        events.start()
+        yield
+        await events.stop()
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    remotes, events = app[REMOTES], app[EVENTS]
+    app[LINKS] = LinkService(app[SETTINGS], remotes, app[PEERS])
+
+    def on_change(change: Change, remote: Remote) -> None:
+        events.emit(f"remote.{change.value}", remote)
+
+    remotes.subscribe(on_change)
+    yield

@@ -1,0 +1,28 @@
+"""Typed keys for everything the app and its requests share (no string keys anywhere)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
+
+from daemon.auth import Operator, OperatorAuth, Policy
+from daemon.events import EventSink
+from daemon.links import LinkService
+from daemon.models import Remote
+from daemon.peers import PeerClient
+from daemon.remotes import Remotes
+from daemon.settings import Settings
+from daemon.store import Database
+
+SETTINGS = web.AppKey("settings", Settings)
+DATABASE = web.AppKey("database", Database)
+REMOTES = web.AppKey("remotes", Remotes)
+PEERS = web.AppKey("peers", PeerClient)
+LINKS = web.AppKey("links", LinkService)
+OPERATORS = web.AppKey("operators", OperatorAuth)
+EVENTS = web.AppKey("events", EventSink)
+POLICIES = web.AppKey("policies", dict[AbstractRoute, Policy])
+
+REQUEST_ID = web.RequestKey("request_id", str)
+OPERATOR = web.RequestKey("operator", Operator)
+REMOTE = web.RequestKey("remote", Remote)

@@ -1,0 +1,41 @@
+"""The schema, as an append-only list of migration scripts.
+
+Step *n* (1-based) brings the database to ``PRAGMA user_version = n``. Never edit a step that
+has shipped; add a new one. Scripts hold only ``;``-separated DDL without ``;`` in literals.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: remote clusters and the channels shared with them.
+    """
+    CREATE TABLE remote_clusters (
+        remote_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        display_name TEXT NOT NULL,
+        site_url TEXT NOT NULL,
+        default_team_id TEXT NOT NULL DEFAULT '',
+        create_at INTEGER NOT NULL,
+        delete_at INTEGER NOT NULL DEFAULT 0,
+        last_ping_at INTEGER NOT NULL DEFAULT 0,
+        last_global_user_sync_at INTEGER NOT NULL DEFAULT 0,
+        token_sha256 TEXT NOT NULL,
+        remote_token TEXT NOT NULL DEFAULT '',
+        topics TEXT NOT NULL DEFAULT '',
+        creator_id TEXT NOT NULL,
+        plugin_id TEXT NOT NULL DEFAULT '',
+        options INTEGER NOT NULL DEFAULT 0,
+        remote_team_id TEXT NOT NULL DEFAULT '',
+        accepting INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    CREATE TABLE shared_channel_remotes (
+        channel_id TEXT NOT NULL,
+        remote_id TEXT NOT NULL REFERENCES remote_clusters (remote_id),
+        create_at INTEGER NOT NULL,
+        update_at INTEGER NOT NULL,
+        delete_at INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (channel_id, remote_id)
+    ) STRICT;
+    CREATE INDEX shared_channel_remotes_remote ON shared_channel_remotes (remote_id)
+    """,
+)

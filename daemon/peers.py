@@ -1,0 +1,122 @@
+"""Outbound calls to peers: one shared aiohttp session, explicit timeouts, capped answers.
+
+Every call carries ``X-RemoteCluster-Id`` and ``X-RemoteCluster-Token`` and nothing else that
+authenticates: no cookie (the session's jar is a :class:`aiohttp.DummyCookieJar`) and no
+``Authorization`` header, because Mattermost takes the first credential it finds and a cookie
+or bearer token would shadow the remote-cluster token. Redirects are not followed, so the token
+never travels to a host the operator did not link.
+
+Site URLs are joined with API paths slash-safely: ``https://a.example/`` and
+``https://a.example`` reach the same URL, and a path prefix (``https://a.example/mm``) is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from daemon.errors import PeerError
+
+HEADER_REMOTE_ID = "X-RemoteCluster-Id"
+HEADER_REMOTE_TOKEN = "X-RemoteCluster-Token"  # noqa: S105 - a header name, not a secret
+
+PING_PATH = "api/v4/remotecluster/ping"
+MSG_PATH = "api/v4/remotecluster/msg"
+CONFIRM_INVITE_PATH = "api/v4/remotecluster/confirm_invite"
+
+
+def join_url(site_url: str, path: str) -> str:
+    """Join a site URL and an API path with exactly one slash between them."""
+    return f"{site_url.rstrip('/')}/{path.lstrip('/')}"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReply:
+    """A peer's answer: status, headers and at most ``max_body`` bytes of body."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+@contextlib.asynccontextmanager
+async def client_session(user_agent: str) -> AsyncIterator[aiohttp.ClientSession]:
+    """The daemon's one outbound session; closed when the block ends."""
+    connector = aiohttp.TCPConnector(limit=256, limit_per_host=8, enable_cleanup_closed=True)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": user_agent},
+        timeout=aiohttp.ClientTimeout(total=60, sock_connect=30),
+    ) as session:
+        yield session
+
+
+class PeerClient:
+    """Sends authenticated requests to peers through the shared session."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, max_body: int) -> None:
+        self._session = session
+        self._max_body = max_body
+
+    async def post(
+        self,
+        site_url: str,
+        path: str,
+        *,
+        remote_id: str,
+        token: str,
+        body: bytes,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> PeerReply:
+        """POST ``body`` as JSON to a peer; raise :class:`PeerError` when no answer came.
+
+        Any HTTP status is returned: what counts as success is the caller's decision.
+        """
+        request_headers = {
+            "Content-Type": "application/json",
+            HEADER_REMOTE_ID: remote_id,
+            HEADER_REMOTE_TOKEN: token,
+            **(headers or {}),
+        }
+        url = join_url(site_url, path)
+        try:
+            async with self._session.post(
+                url,
+                data=body,
+                headers=request_headers,
+                timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30.0)),
+                allow_redirects=False,
+            ) as resp:
+                data = await read_capped(resp.content, self._max_body)
+                return PeerReply(resp.status, resp.headers, data)
+        except TimeoutError:
+            raise PeerError("timeout", f"no answer within {timeout:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise PeerError("unreachable", _describe(exc)) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise PeerError("transport_error", _describe(exc)) from None
+
+
+async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Read a whole body, or raise :class:`PeerError` once it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in stream.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise PeerError("bad_response", f"answer larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line cause without the request's headers (they carry the token)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
+    return f"{type(exc).__name__}: {exc}"

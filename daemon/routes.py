@@ -1,0 +1,74 @@
+"""The route table: every route with its handler, its name and who may call it.
+
+Transport routes come first so that ``/api/v4/remotecluster/ping`` is never read as a
+``{remote_id}``. Every route has a policy; :func:`daemon.auth.auth_middleware` enforces it.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import AbstractRoute
+
+from daemon.auth import INVITED_REMOTE, LINKED_REMOTE, MANAGE, PUBLIC, READ, Policy
+from daemon.handlers import health, management, transport
+from daemon.keys import POLICIES
+
+API = "/api/v4/remotecluster"
+
+ROUTES: tuple[tuple[str, str, Handler, Policy, str], ...] = (
+    ("GET", "/healthz", health.healthz, PUBLIC, "healthz"),
+    # Transport (peers).
+    ("POST", f"{API}/ping", transport.ping, LINKED_REMOTE, "transport.ping"),
+    (
+        "POST",
+        f"{API}/confirm_invite",
+        transport.confirm_invite,
+        INVITED_REMOTE,
+        "transport.confirm",
+    ),
+    # Management (operators).
+    ("GET", API, management.list_remotes, READ, "remotes.list"),
+    ("POST", API, management.create_remote, MANAGE, "remotes.create"),
+    ("POST", f"{API}/accept_invite", management.accept_invite, MANAGE, "remotes.accept_invite"),
+    ("GET", f"{API}/{{remote_id}}", management.get_remote, READ, "remotes.get"),
+    ("PATCH", f"{API}/{{remote_id}}", management.patch_remote, MANAGE, "remotes.patch"),
+    ("DELETE", f"{API}/{{remote_id}}", management.delete_remote, MANAGE, "remotes.delete"),
+    (
+        "POST",
+        f"{API}/{{remote_id}}/generate_invite",
+        management.generate_invite,
+        MANAGE,
+        "remotes.invite",
+    ),
+    # Extension: which channels are shared with which remote (Mattermost's paths).
+    (
+        "POST",
+        f"{API}/{{remote_id}}/channels/{{channel_id}}/invite",
+        management.share_channel,
+        MANAGE,
+        "channels.share",
+    ),
+    (
+        "POST",
+        f"{API}/{{remote_id}}/channels/{{channel_id}}/uninvite",
+        management.unshare_channel,
+        MANAGE,
+        "channels.unshare",
+    ),
+    (
+        "GET",
+        f"{API}/{{remote_id}}/sharedchannelremotes",
+        management.list_shared_channels,
+        READ,
+        "channels.list",
+    ),
+)
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register every route and record its policy under :data:`daemon.keys.POLICIES`."""
+    policies: dict[AbstractRoute, Policy] = {}
+    for method, path, handler, policy, name in ROUTES:
+        policies[app.router.add_route(method, path, handler, name=name)] = policy
+    app[POLICIES] = policies

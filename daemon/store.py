@@ -1,0 +1,135 @@
+"""The embedded store: one aiosqlite connection to one SQLite file in WAL mode.
+
+Every statement goes through one :class:`asyncio.Lock`, so a read can never observe another
+task's half-done transaction on the shared connection, and multi-statement writes run inside
+``BEGIN IMMEDIATE … COMMIT`` (:meth:`Database.transaction`). Transactions never await anything
+but the database: no network call happens while the lock is held.
+
+``synchronous=FULL``: a commit is on disk before the daemon acknowledges what it recorded
+(a queued message, an upload offset), even across a power loss.
+
+The schema is versioned with ``PRAGMA user_version``; :data:`daemon.migrations.MIGRATIONS` is
+append-only and each step runs in its own transaction at start-up, before the listener opens.
+A database newer than the code is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from daemon.errors import StoreError
+from daemon.migrations import MIGRATIONS
+
+log = structlog.get_logger(__name__)
+
+DB_FILE = "remoteclusterd.db"
+Params = Sequence[Any] | dict[str, Any]
+
+
+class Database:
+    """The daemon's single SQLite connection with serialised access."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self._lock = asyncio.Lock()
+        self.path = path
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> Database:
+        """Create ``data_dir`` (0700) and the database file (0600) if needed, then migrate."""
+        path = data_dir / DB_FILE
+        await asyncio.to_thread(_prepare_files, data_dir, path)
+        conn = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
+        try:
+            conn.row_factory = sqlite3.Row
+            for pragma in (
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=FULL",
+                "PRAGMA foreign_keys=ON",
+            ):
+                await conn.execute(pragma)
+            db = cls(conn, path)
+            await db._migrate()
+        except BaseException:
+            await conn.close()
+            raise
+        return db
+
+    async def close(self) -> None:
+        """Close the connection; waits for the statement in progress."""
+        async with self._lock:
+            await self._conn.close()
+
+    async def _migrate(self) -> None:
+        version = await self.scalar("PRAGMA user_version")
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the database schema is version {version}, newer than this daemon "
+                f"knows ({len(MIGRATIONS)}); refusing to start"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            async with self.transaction() as conn:
+                for statement in _split(script):
+                    await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {number}")
+            log.info("store.migrated", version=number)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Run the block in ``BEGIN IMMEDIATE … COMMIT``; roll back if it raises."""
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        """Run one statement (its own transaction) and return the number of rows changed."""
+        async with self._lock, self._conn.execute(sql, params) as cursor:
+            return cursor.rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
+        """Run one statement for many parameter rows in one transaction."""
+        async with self.transaction() as conn:
+            await conn.executemany(sql, rows)
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """Run a query and return every row."""
+        async with self._lock, self._conn.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        """Run a query and return its first row, if any."""
+        async with self._lock, self._conn.execute(sql, params) as cursor:
+            row: sqlite3.Row | None = await cursor.fetchone()
+            return row
+
+    async def scalar(self, sql: str, params: Params = ()) -> Any:
+        """Run a query and return the first column of its first row."""
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+
+def _prepare_files(data_dir: Path, path: Path) -> None:
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Create the file with a private mode before SQLite does; its -wal and -shm files
+    # inherit the database file's permissions.
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+
+
+def _split(script: str) -> list[str]:
+    """Split a migration script into statements (migrations contain no ``;`` in literals)."""
+    return [part.strip() for part in script.split(";") if part.strip()]
