@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.example.toml
+LINT_PATHS := daemon tests $(wildcard bench)
 
 .PHONY: run test lint typecheck unit bench clean vectors
 
@@ -19,8 +20,8 @@ run: $(STAMP)
 	$(BIN)/remoteclusterd serve --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check daemon tests bench
-	$(BIN)/ruff format --check daemon tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

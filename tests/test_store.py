@@ -1,0 +1,78 @@
+"""The store: safe file modes, versioned migrations, and start-up clean-up."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import StoreError
+from daemon.ids import hash_token, new_id
+from daemon.migrations import MIGRATIONS
+from daemon.models import Remote, now_ms
+from daemon.remotes import Remotes
+from daemon.store import DB_FILE, Database
+from tests.helpers import DaemonProcess
+
+
+async def test_creates_private_files_and_migrates(tmp_path: Path) -> None:
+    data_dir = tmp_path / "state"
+    db = await Database.open(data_dir)
+    try:
+        assert await db.scalar("PRAGMA user_version") == len(MIGRATIONS)
+        assert await db.scalar("PRAGMA journal_mode") == "wal"
+    finally:
+        await db.close()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    for path in data_dir.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # Opening again runs no migration twice.
+    db = await Database.open(data_dir)
+    await db.close()
+
+
+async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    data_dir = tmp_path / "state"
+    await (await Database.open(data_dir)).close()
+    conn = sqlite3.connect(data_dir / DB_FILE)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this daemon"):
+        await Database.open(data_dir)
+
+
+async def test_daemon_with_newer_schema_exits_1(tmp_path: Path) -> None:
+    proc = DaemonProcess(tmp_path, "a")
+    proc.data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(proc.data_dir / DB_FILE)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    await proc.start(wait=False)
+    assert await proc.wait_exit() == 1
+    assert "daemon.start_failed" in proc.logs() and "Traceback" not in proc.logs()
+
+
+async def test_half_made_accept_is_removed_at_start(tmp_path: Path) -> None:
+    """A remote still marked `accepting` (a crash mid-confirm) is gone after a restart."""
+    db = await Database.open(tmp_path)
+    try:
+        remotes = Remotes(db)
+        await remotes.load()
+        keep, drop = new_id(), new_id()
+        for rid, accepting in ((keep, False), (drop, True)):
+            await remotes.add(
+                Remote(
+                    remote_id=rid, name=rid[:5], display_name="x", site_url="http://x",
+                    default_team_id="", create_at=now_ms(), creator_id=new_id(),
+                    token_sha256=hash_token(new_id()), accepting=accepting,
+                )
+            )  # fmt: skip
+        await remotes.share_channel(drop, new_id())
+        reloaded = Remotes(db)
+        await reloaded.load()
+        assert [r.remote_id for r in reloaded.all()] == [keep]
+        assert await db.scalar("SELECT count(*) FROM shared_channel_remotes") == 0
+    finally:
+        await db.close()
