@@ -16,8 +16,20 @@ from daemon import __version__
 from daemon.auth import OperatorAuth
 from daemon.config import Config
 from daemon.events import EventSink
-from daemon.keys import DATABASE, EVENTS, LINKS, OPERATORS, PEERS, REMOTES, SETTINGS
+from daemon.heartbeat import Heartbeat
+from daemon.keys import (
+    DATABASE,
+    EVENTS,
+    HEARTBEAT,
+    LINKS,
+    METRICS,
+    OPERATORS,
+    PEERS,
+    REMOTES,
+    SETTINGS,
+)
 from daemon.links import LinkService
+from daemon.metrics import Metrics
 from daemon.middleware import auth_middleware, request_context
 from daemon.models import Remote
 from daemon.peers import PeerClient, client_session
@@ -37,6 +49,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[SETTINGS] = Settings(config)
     app[OPERATORS] = OperatorAuth(config.operators)
+    app[METRICS] = Metrics()
     setup_routes(app)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_clients)
@@ -76,4 +89,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         events.emit(f"remote.{change.value}", remote)
 
     remotes.subscribe(on_change)
+    heartbeat = Heartbeat(app[SETTINGS], remotes, app[PEERS], events, app[METRICS])
+    app[HEARTBEAT] = heartbeat
+    heartbeat.start()
     yield
+    await heartbeat.stop()

@@ -6,6 +6,7 @@ Each route is registered with a :data:`Policy` (see :mod:`daemon.routes`), enfor
 * :data:`PUBLIC`: no credentials (``/healthz``).
 * :class:`OperatorPolicy`: ``Authorization: Bearer <token>``; the token's SHA-256 must match an
   ``[[operators]]`` entry (401 otherwise) that holds one of the listed permissions (403).
+* :class:`MetricsPolicy`: ``/metrics``, open or behind its own bearer token (``[metrics]``).
 * :class:`RemotePolicy`: ``X-RemoteCluster-Id`` and ``X-RemoteCluster-Token``; the token must
   match, in constant time, the digest of the token this daemon issued to that remote. A
   missing id, an unknown or deleted remote and a wrong token all get the same 401 body; the
@@ -40,18 +41,24 @@ class RemotePolicy:
     allow_pending: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsPolicy:
+    """Open when ``[metrics] token_sha256`` is empty, else that bearer token is needed."""
+
+
 class _Public:
     def __repr__(self) -> str:
         return "PUBLIC"
 
 
 PUBLIC = _Public()
-Policy = OperatorPolicy | RemotePolicy | _Public
+Policy = OperatorPolicy | RemotePolicy | MetricsPolicy | _Public
 
 MANAGE = OperatorPolicy(frozenset({MANAGE_SECURE_CONNECTIONS}))
 READ = OperatorPolicy(frozenset({MANAGE_SECURE_CONNECTIONS, MANAGE_SHARED_CHANNELS}))
 LINKED_REMOTE = RemotePolicy()
 INVITED_REMOTE = RemotePolicy(allow_pending=True)
+METRICS_READER = MetricsPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,20 @@ class Operator:
         return creator_id_for(self.name)
 
 
+def bearer_digest(authorization: str) -> bytes | None:
+    """The SHA-256 of an ``Authorization: Bearer`` token, or None when there is none."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return hashlib.sha256(token.strip().encode("utf-8")).digest()
+
+
+def bearer_matches(authorization: str, digest_hex: str) -> bool:
+    """Whether the bearer token's SHA-256 is ``digest_hex`` (constant time)."""
+    digest = bearer_digest(authorization)
+    return digest is not None and hmac.compare_digest(digest, bytes.fromhex(digest_hex))
+
+
 class OperatorAuth:
     """Matches bearer tokens against the configured operators' digests."""
 
@@ -78,10 +99,9 @@ class OperatorAuth:
 
     def authenticate(self, authorization: str) -> Operator | None:
         """Return the operator whose token is presented, comparing every digest."""
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        digest = bearer_digest(authorization)
+        if digest is None:
             return None
-        digest = hashlib.sha256(token.strip().encode("utf-8")).digest()
         found = None
         for stored, operator in self._entries:
             if hmac.compare_digest(digest, stored):

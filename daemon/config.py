@@ -64,6 +64,8 @@ class HeartbeatConfig(_Section, frozen=True):
     interval: Seconds = 60.0
     timeout: Seconds = 15.0
     offline_after: Seconds = 300.0
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.1
+    max_clock_skew: Seconds = 5.0
 
 
 class InvitesConfig(_Section, frozen=True):

@@ -7,7 +7,9 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from daemon.auth import Operator, OperatorAuth, Policy
 from daemon.events import EventSink
+from daemon.heartbeat import Heartbeat
 from daemon.links import LinkService
+from daemon.metrics import Metrics
 from daemon.models import Remote
 from daemon.peers import PeerClient
 from daemon.remotes import Remotes
@@ -21,6 +23,8 @@ PEERS = web.AppKey("peers", PeerClient)
 LINKS = web.AppKey("links", LinkService)
 OPERATORS = web.AppKey("operators", OperatorAuth)
 EVENTS = web.AppKey("events", EventSink)
+METRICS = web.AppKey("metrics", Metrics)
+HEARTBEAT = web.AppKey("heartbeat", Heartbeat)
 POLICIES = web.AppKey("policies", dict[AbstractRoute, Policy])
 
 REQUEST_ID = web.RequestKey("request_id", str)

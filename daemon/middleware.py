@@ -18,10 +18,10 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from daemon import __version__
-from daemon.auth import OperatorPolicy, RemotePolicy
+from daemon.auth import MetricsPolicy, OperatorPolicy, RemotePolicy, bearer_matches
 from daemon.errors import AppError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from daemon.ids import new_id
-from daemon.keys import OPERATOR, OPERATORS, POLICIES, REMOTE, REMOTES, REQUEST_ID
+from daemon.keys import OPERATOR, OPERATORS, POLICIES, REMOTE, REMOTES, REQUEST_ID, SETTINGS
 from daemon.peers import HEADER_REMOTE_ID, HEADER_REMOTE_TOKEN
 
 log = structlog.get_logger(__name__)
@@ -118,6 +118,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             log.info("auth.refused", kind="remote", reason=failure.value, remote_id=remote_id[:64])
             raise _unauthorized()
         request[REMOTE] = remote
+    elif isinstance(policy, MetricsPolicy):
+        digest = request.app[SETTINGS].config.metrics.token_sha256
+        if digest and not bearer_matches(request.headers.get("Authorization", ""), digest):
+            log.info("auth.refused", kind="metrics", reason="missing_or_unknown_token")
+            raise Unauthorized()
     return await handler(request)
 
 

@@ -38,4 +38,8 @@ MIGRATIONS: tuple[str, ...] = (
     ) STRICT;
     CREATE INDEX shared_channel_remotes_remote ON shared_channel_remotes (remote_id)
     """,
+    # 2: the liveness last announced for each remote, so transitions across restarts are seen.
+    """
+    ALTER TABLE remote_clusters ADD COLUMN online_announced INTEGER NOT NULL DEFAULT 0
+    """,
 )

@@ -64,7 +64,8 @@ class Remote:
 
     ``token_sha256`` is the digest of the token this daemon issued to the peer (what the peer
     presents); ``remote_token`` is the token the peer issued to us (what we present).
-    ``accepting`` is true while this daemon's confirmation of an accepted invite is in flight.
+    ``accepting`` is true while this daemon's confirmation of an accepted invite is in flight;
+    ``online_announced`` is the liveness last announced (logged and sent as an event).
     """
 
     remote_id: str
@@ -84,6 +85,7 @@ class Remote:
     options: int = 0
     remote_team_id: str = ""
     accepting: bool = False
+    online_announced: bool = False
 
     @property
     def is_deleted(self) -> bool:

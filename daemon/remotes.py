@@ -73,6 +73,7 @@ class ListFilter:
 def _from_row(row: sqlite3.Row) -> Remote:
     values = {name: row[name] for name in _COLUMNS}
     values["accepting"] = bool(values["accepting"])
+    values["online_announced"] = bool(values["online_announced"])
     return Remote(**values)
 
 
@@ -83,6 +84,8 @@ class Remotes:
         self._db = db
         self._by_id: dict[str, Remote] = {}
         self._listeners: list[Listener] = []
+        self._liveness_dirty: set[str] = set()
+        self.liveness_transactions = 0
 
     async def load(self) -> None:
         """Load every row; drop remotes whose accept was cut short by a crash.
@@ -266,6 +269,48 @@ class Remotes:
         self._by_id[remote_id] = remote
         self._notify(Change.DELETED, remote)
         return remote
+
+    def set_liveness(
+        self, remote_id: str, *, last_ping_at: int | None = None, online: bool | None = None
+    ) -> Remote | None:
+        """Record a successful ping time and/or the announced liveness, in memory only.
+
+        The change is written by the next :meth:`flush_liveness`, batched with every other
+        remote's, so thousands of pings cost one transaction per flush, not one each.
+        """
+        remote = self._by_id.get(remote_id)
+        if remote is None or remote.is_deleted:
+            return None
+        remote = dataclasses.replace(
+            remote,
+            last_ping_at=remote.last_ping_at if last_ping_at is None else last_ping_at,
+            online_announced=remote.online_announced if online is None else online,
+        )
+        self._by_id[remote_id] = remote
+        self._liveness_dirty.add(remote_id)
+        return remote
+
+    async def flush_liveness(self) -> int:
+        """Write every pending liveness change in one transaction; return how many rows."""
+        if not self._liveness_dirty:
+            return 0
+        dirty, self._liveness_dirty = self._liveness_dirty, set()
+        rows = [
+            (r.last_ping_at, int(r.online_announced), r.remote_id)
+            for rid in dirty
+            if (r := self._by_id.get(rid)) is not None
+        ]
+        try:
+            await self._db.executemany(
+                "UPDATE remote_clusters SET last_ping_at = ?, online_announced = ? "
+                "WHERE remote_id = ?",
+                rows,
+            )
+        except BaseException:
+            self._liveness_dirty |= dirty  # written by the next flush
+            raise
+        self.liveness_transactions += 1
+        return len(rows)
 
     async def share_channel(self, remote_id: str, channel_id: str) -> None:
         """Record that ``channel_id`` is shared with the remote (again, if it was unshared)."""

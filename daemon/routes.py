@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from daemon.auth import INVITED_REMOTE, LINKED_REMOTE, MANAGE, PUBLIC, READ, Policy
+from daemon.auth import INVITED_REMOTE, LINKED_REMOTE, MANAGE, METRICS_READER, PUBLIC, READ, Policy
 from daemon.handlers import health, management, transport
 from daemon.keys import POLICIES
 
@@ -18,6 +18,7 @@ API = "/api/v4/remotecluster"
 
 ROUTES: tuple[tuple[str, str, Handler, Policy, str], ...] = (
     ("GET", "/healthz", health.healthz, PUBLIC, "healthz"),
+    ("GET", "/metrics", health.metrics, METRICS_READER, "metrics"),
     # Transport (peers).
     ("POST", f"{API}/ping", transport.ping, LINKED_REMOTE, "transport.ping"),
     (

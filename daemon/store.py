@@ -64,6 +64,11 @@ class Database:
             raise
         return db
 
+    @property
+    def total_changes(self) -> int:
+        """Rows changed through this connection since it opened (a write counter)."""
+        return self._conn.total_changes
+
     async def close(self) -> None:
         """Close the connection; waits for the statement in progress."""
         async with self._lock:

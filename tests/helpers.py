@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
 
 OPERATOR_TOKEN = "test-operator-token-0123456789abcdef"
 READER_TOKEN = "test-reader-token-0123456789abcdef"
@@ -282,11 +283,17 @@ def ping_frame(remote_id: str, msg_id: str, sent_at: int = 1) -> dict[str, Any]:
 async def daemons(
     root: Path, *names: str, **sections: dict[str, Any]
 ) -> AsyncIterator[list[DaemonProcess]]:
-    """Start daemons side by side; stop them (SIGTERM, then SIGKILL) on exit."""
-    procs = [DaemonProcess(root, name, **sections) for name in names]
+    """Start daemons side by side, all with the same config sections."""
+    async with running(*(DaemonProcess(root, name, **sections) for name in names)) as procs:
+        yield procs
+
+
+@contextlib.asynccontextmanager
+async def running(*procs: DaemonProcess) -> AsyncIterator[list[DaemonProcess]]:
+    """Start daemon processes; stop them (SIGTERM, then SIGKILL) on exit."""
     try:
         await asyncio.gather(*(p.start() for p in procs))
-        yield procs
+        yield list(procs)
     finally:
         for p in procs:
             if p.proc is not None and p.proc.poll() is None:
@@ -298,3 +305,31 @@ async def daemons(
                 except subprocess.TimeoutExpired:
                     p.proc.kill()
                     p.proc.wait()
+
+
+async def link(api_a: Api, api_b: Api, password: str = "correct-horse-battery") -> str:
+    """Create on A, accept on B; return the shared remote id."""
+    created = await api_a.create("peer-b", password=password)
+    status, body = await api_b.accept(created["invite"], password, name="peer-a")
+    assert status == 201, body
+    return str(body["remote_id"])
+
+
+async def metrics(
+    session: aiohttp.ClientSession, url: str
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Scrape /metrics and parse it with prometheus-client's own parser."""
+    async with session.get(url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def sample(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

@@ -1,0 +1,114 @@
+"""Prometheus metrics, with one registry per app so two daemons can share a process (tests).
+
+Counters and histograms are updated where things happen; per-remote gauges (up, last ping
+age, round trip, clock skew) are computed at scrape time from the heartbeat's state by a
+collector, so a ping costs no metric update per remote. Labels are route names, results and
+remote *names*, never ids or paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "remoteclusterd"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteGauges:
+    """One remote's liveness figures, read at scrape time."""
+
+    name: str
+    up: bool
+    last_ping_age_seconds: float | None
+    rtt_seconds: float | None
+    clock_skew_seconds: float | None
+
+
+class _RemoteCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[RemoteGauges]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            f"{PREFIX}_remote_up", "1 while the remote is online", labels=["remote"]
+        )
+        age = GaugeMetricFamily(
+            f"{PREFIX}_remote_last_ping_age_seconds",
+            "Seconds since the last successful outbound ping",
+            labels=["remote"],
+        )
+        rtt = GaugeMetricFamily(
+            f"{PREFIX}_remote_ping_rtt_seconds", "Round trip of the last ping", labels=["remote"]
+        )
+        skew = GaugeMetricFamily(
+            f"{PREFIX}_remote_clock_skew_seconds",
+            "Estimated clock offset of the remote (positive: its clock is ahead)",
+            labels=["remote"],
+        )
+        for gauges in self._source():
+            up.add_metric([gauges.name], 1.0 if gauges.up else 0.0)
+            if gauges.last_ping_age_seconds is not None:
+                age.add_metric([gauges.name], gauges.last_ping_age_seconds)
+            if gauges.rtt_seconds is not None:
+                rtt.add_metric([gauges.name], gauges.rtt_seconds)
+            if gauges.clock_skew_seconds is not None:
+                skew.add_metric([gauges.name], gauges.clock_skew_seconds)
+        yield from (up, age, rtt, skew)
+
+
+class Metrics:
+    """The daemon's metrics and their registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.pings = Counter(
+            f"{PREFIX}_heartbeat_pings",
+            "Outbound pings by result",
+            ["result"],
+            registry=self.registry,
+        )
+        self.ping_seconds = Histogram(
+            f"{PREFIX}_heartbeat_ping_seconds",
+            "Round trip of successful outbound pings",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15),
+            registry=self.registry,
+        )
+        self.ping_lateness = Histogram(
+            f"{PREFIX}_heartbeat_lateness_seconds",
+            "How late each ping started against its schedule",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+            registry=self.registry,
+        )
+        self.liveness_transactions = Counter(
+            f"{PREFIX}_heartbeat_liveness_transactions",
+            "Disk transactions spent writing last_ping_at (batched)",
+            registry=self.registry,
+        )
+        self.transitions = Counter(
+            f"{PREFIX}_remote_transitions",
+            "Online/offline transitions announced",
+            ["to"],
+            registry=self.registry,
+        )
+
+    def watch_remotes(self, source: Callable[[], Iterable[RemoteGauges]]) -> None:
+        """Report per-remote gauges from ``source`` at every scrape."""
+        self.registry.register(_RemoteCollector(source))
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
