@@ -17,26 +17,32 @@ from daemon.auth import OperatorAuth
 from daemon.config import Config
 from daemon.events import EventSink
 from daemon.heartbeat import Heartbeat
+from daemon.inbound import Inbound
 from daemon.keys import (
     DATABASE,
     EVENTS,
     HEARTBEAT,
+    INBOUND,
     LINKS,
+    LOCAL_HTTP,
     METRICS,
     OPERATORS,
+    OUTBOX,
     PEERS,
     REMOTES,
     SETTINGS,
+    WRITER,
 )
 from daemon.links import LinkService
 from daemon.metrics import Metrics
 from daemon.middleware import auth_middleware, request_context
 from daemon.models import Remote
+from daemon.outbox import Outbox
 from daemon.peers import PeerClient, client_session
 from daemon.remotes import Change, Remotes
 from daemon.routes import setup_routes
 from daemon.settings import Settings
-from daemon.store import Database
+from daemon.store import Database, GroupCommit
 
 log = structlog.get_logger(__name__)
 
@@ -61,20 +67,29 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     config = app[SETTINGS].config
     db = await Database.open(config.data_dir)
     app[DATABASE] = db
+    writer = GroupCommit(db)
+    app[WRITER] = writer
+    writer.start()
     remotes = Remotes(db)
     await remotes.load()
     app[REMOTES] = remotes
     log.info("store.opened", path=str(db.path), remotes=len(remotes.all()))
     yield
+    await writer.stop()
     await db.close()
     log.info("store.closed")
 
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    async with client_session(f"remoteclusterd/{__version__}") as session:
-        app[PEERS] = PeerClient(session, max_body=settings.config.server.max_frame_size)
-        events = EventSink(settings, session)
+    agent = f"remoteclusterd/{__version__}"
+    async with (
+        client_session(agent, limit_per_host=8) as peer_session,
+        client_session(agent, limit_per_host=64) as local_session,
+    ):
+        app[PEERS] = PeerClient(peer_session, max_body=settings.config.server.max_frame_size)
+        app[LOCAL_HTTP] = local_session
+        events = EventSink(settings, local_session)
         app[EVENTS] = events
         events.start()
         yield
@@ -91,6 +106,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     remotes.subscribe(on_change)
     heartbeat = Heartbeat(app[SETTINGS], remotes, app[PEERS], events, app[METRICS])
     app[HEARTBEAT] = heartbeat
+    inbound = Inbound(app[SETTINGS], app[DATABASE], app[WRITER], app[LOCAL_HTTP])
+    app[INBOUND] = inbound
+    outbox = Outbox(
+        app[SETTINGS], app[DATABASE], app[WRITER], remotes, app[PEERS], events, app[METRICS]
+    )
+    app[OUTBOX] = outbox
+    heartbeat.subscribe(outbox.wake)
+    await outbox.start()
+    inbound.start()
     heartbeat.start()
     yield
     await heartbeat.stop()
+    await inbound.stop()
+    await outbox.stop()

@@ -111,6 +111,20 @@ class OutboxConfig(_Section, frozen=True):
     retry_max: Seconds = 60.0
     max_attempts: Annotated[int, msgspec.Meta(ge=0)] = 0
     max_age: Seconds = 86_400.0
+    max_queued: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    send_timeout: Seconds = 60.0
+    keep_done: Seconds = 7 * 86_400.0
+
+
+class InboxConfig(_Section, frozen=True):
+    """``[inbox]``: messages from peers.
+
+    ``dedupe_window`` must outlast the peers' retry horizon (their ``outbox.max_age``): a
+    retry that comes later than that could reach the local application a second time.
+    """
+
+    dedupe_window: Seconds = 2 * 86_400.0
+    retry_after: Seconds = 5.0
 
 
 class MetricsConfig(_Section, frozen=True):
@@ -132,6 +146,7 @@ class Config(_Section, frozen=True):
     events: EventsConfig = EventsConfig()
     uploads: UploadsConfig = UploadsConfig()
     outbox: OutboxConfig = OutboxConfig()
+    inbox: InboxConfig = InboxConfig()
     metrics: MetricsConfig = MetricsConfig()
 
     @property

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
+import aiohttp
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from daemon.auth import Operator, OperatorAuth, Policy
 from daemon.events import EventSink
 from daemon.heartbeat import Heartbeat
+from daemon.inbound import Inbound
 from daemon.links import LinkService
 from daemon.metrics import Metrics
 from daemon.models import Remote
+from daemon.outbox import Outbox
 from daemon.peers import PeerClient
 from daemon.remotes import Remotes
 from daemon.settings import Settings
-from daemon.store import Database
+from daemon.store import Database, GroupCommit
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
+WRITER = web.AppKey("writer", GroupCommit)
 REMOTES = web.AppKey("remotes", Remotes)
 PEERS = web.AppKey("peers", PeerClient)
+LOCAL_HTTP = web.AppKey("local_http", aiohttp.ClientSession)
 LINKS = web.AppKey("links", LinkService)
 OPERATORS = web.AppKey("operators", OperatorAuth)
 EVENTS = web.AppKey("events", EventSink)
 METRICS = web.AppKey("metrics", Metrics)
 HEARTBEAT = web.AppKey("heartbeat", Heartbeat)
+INBOUND = web.AppKey("inbound", Inbound)
+OUTBOX = web.AppKey("outbox", Outbox)
 POLICIES = web.AppKey("policies", dict[AbstractRoute, Policy])
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -69,7 +69,11 @@ def configure(level: str = "info", fmt: str = "console") -> None:
     renderer: Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
-        final: list[Processor] = [structlog.processors.dict_tracebacks, renderer]
+        # Tracebacks without local variables: a frame's locals can hold a token.
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        final: list[Processor] = [tracebacks, renderer]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         final = [renderer]

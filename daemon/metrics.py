@@ -68,6 +68,19 @@ class _RemoteCollector(Collector):
         yield from (up, age, rtt, skew)
 
 
+class _DepthCollector(Collector):
+    def __init__(self, source: Callable[[], dict[str, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            f"{PREFIX}_outbox_queued", "Messages waiting for delivery", labels=["remote"]
+        )
+        for name, queued in sorted(self._source().items()):
+            depth.add_metric([name], float(queued))
+        yield depth
+
+
 class Metrics:
     """The daemon's metrics and their registry."""
 
@@ -98,12 +111,28 @@ class Metrics:
             "Disk transactions spent writing last_ping_at (batched)",
             registry=self.registry,
         )
+        self.outbox_messages = Counter(
+            f"{PREFIX}_outbox_messages",
+            "Outbox messages by state reached (queued, delivered, rejected, dead)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.outbox_attempts = Counter(
+            f"{PREFIX}_outbox_attempts",
+            "Delivery attempts by outcome (final or retry)",
+            ["result"],
+            registry=self.registry,
+        )
         self.transitions = Counter(
             f"{PREFIX}_remote_transitions",
             "Online/offline transitions announced",
             ["to"],
             registry=self.registry,
         )
+
+    def watch_outbox(self, source: Callable[[], dict[str, int]]) -> None:
+        """Report the outbox depth per remote name from ``source`` at every scrape."""
+        self.registry.register(_DepthCollector(source))
 
     def watch_remotes(self, source: Callable[[], Iterable[RemoteGauges]]) -> None:
         """Report per-remote gauges from ``source`` at every scrape."""

@@ -42,4 +42,35 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE remote_clusters ADD COLUMN online_announced INTEGER NOT NULL DEFAULT 0
     """,
+    # 3: the outbox (messages for peers) and the inbox (final answers to peers' messages).
+    """
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        msg_id TEXT NOT NULL UNIQUE,
+        remote_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        create_at INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'queued'
+            CHECK (state IN ('queued', 'delivered', 'rejected', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        response BLOB,
+        update_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX outbox_queue ON outbox (remote_id, state, seq);
+    CREATE INDEX outbox_done ON outbox (state, update_at);
+    CREATE TABLE inbox (
+        remote_id TEXT NOT NULL,
+        msg_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        status TEXT NOT NULL,
+        err TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        answered_at INTEGER NOT NULL,
+        PRIMARY KEY (remote_id, msg_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX inbox_answered ON inbox (answered_at)
+    """,
 )

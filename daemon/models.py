@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -75,8 +75,8 @@ class Remote:
     default_team_id: str
     create_at: int
     creator_id: str
-    token_sha256: str
-    remote_token: str = ""
+    token_sha256: str = field(repr=False)
+    remote_token: str = field(default="", repr=False)
     delete_at: int = 0
     last_ping_at: int = 0
     last_global_user_sync_at: int = 0

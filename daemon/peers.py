@@ -44,9 +44,18 @@ class PeerReply:
 
 
 @contextlib.asynccontextmanager
-async def client_session(user_agent: str) -> AsyncIterator[aiohttp.ClientSession]:
-    """The daemon's one outbound session; closed when the block ends."""
-    connector = aiohttp.TCPConnector(limit=256, limit_per_host=8, enable_cleanup_closed=True)
+async def client_session(
+    user_agent: str, *, limit_per_host: int
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """An outbound session (no cookies, no total connection cap); closed when the block ends.
+
+    ``limit_per_host`` bounds the connections to one peer or local application, so that a
+    burst (an outbox catching up, many uploads) cannot flood it; there is no total cap, so
+    thousands of peers never wait for each other's connections.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=limit_per_host, enable_cleanup_closed=True
+    )
     async with aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),

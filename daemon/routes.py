@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from daemon.auth import INVITED_REMOTE, LINKED_REMOTE, MANAGE, METRICS_READER, PUBLIC, READ, Policy
-from daemon.handlers import health, management, transport
+from daemon.handlers import health, management, messages, transport
 from daemon.keys import POLICIES
 
 API = "/api/v4/remotecluster"
@@ -28,6 +28,7 @@ ROUTES: tuple[tuple[str, str, Handler, Policy, str], ...] = (
         INVITED_REMOTE,
         "transport.confirm",
     ),
+    ("POST", f"{API}/msg", messages.receive, LINKED_REMOTE, "transport.msg"),
     # Management (operators).
     ("GET", API, management.list_remotes, READ, "remotes.list"),
     ("POST", API, management.create_remote, MANAGE, "remotes.create"),
@@ -42,6 +43,9 @@ ROUTES: tuple[tuple[str, str, Handler, Policy, str], ...] = (
         MANAGE,
         "remotes.invite",
     ),
+    # Extension: messages for peers, through the outbox.
+    ("POST", f"{API}/{{remote_id}}/msg", messages.send, MANAGE, "outbox.send"),
+    ("GET", f"{API}/{{remote_id}}/msg/{{msg_id}}", messages.status, MANAGE, "outbox.status"),
     # Extension: which channels are shared with which remote (Mattermost's paths).
     (
         "POST",

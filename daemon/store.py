@@ -11,6 +11,10 @@ but the database: no network call happens while the lock is held.
 The schema is versioned with ``PRAGMA user_version``; :data:`daemon.migrations.MIGRATIONS` is
 append-only and each step runs in its own transaction at start-up, before the listener opens.
 A database newer than the code is refused.
+
+:class:`GroupCommit` lets many tasks share one transaction (and one fsync): what is queued
+while a commit is on disk goes into the next one, so durable acknowledgements scale with
+concurrency instead of costing a disk flush each.
 """
 
 from __future__ import annotations
@@ -126,6 +130,99 @@ class Database:
         """Run a query and return the first column of its first row."""
         row = await self.fetchone(sql, params)
         return None if row is None else row[0]
+
+
+_Item = tuple[str | None, Params, "asyncio.Future[None] | None"]
+
+
+class GroupCommit:
+    """Group commit for single statements.
+
+    ``await write(sql, params)`` returns once a transaction holding the statement committed
+    (use it before acknowledging anything). ``write_later`` queues without waiting, for
+    bookkeeping that is safe to redo after a crash; it returns a future that completes at the
+    commit. Statements commit in the order they were queued. A failed batch fails the futures
+    of its statements; a failed ``write_later`` is logged.
+    """
+
+    def __init__(self, db: Database, *, max_batch: int = 2000) -> None:
+        self._db = db
+        self._max_batch = max_batch
+        self._queue: list[_Item] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.commits = 0
+
+    def start(self) -> None:
+        """Start the committing task."""
+        self._task = asyncio.create_task(self._run(), name="store.group_commit")
+
+    async def stop(self) -> None:
+        """Commit everything queued, then stop."""
+        await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def write(self, sql: str, params: Params = ()) -> None:
+        """Queue a statement and wait until it is committed."""
+        await self.write_later(sql, params)
+
+    def write_later(self, sql: str, params: Params = ()) -> asyncio.Future[None]:
+        """Queue a statement; the returned future completes when it is committed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((sql, params, future))
+        self._wakeup.set()
+        return future
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed (or failed)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((None, (), future))
+        self._wakeup.set()
+        if self._task is None or self._task.done():
+            await self._commit_all()
+        await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self._commit_all()
+
+    async def _commit_all(self) -> None:
+        while self._queue:
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            try:
+                async with self._db.transaction() as conn:
+                    for sql, rows in _grouped(batch):
+                        await conn.executemany(sql, rows)
+            except Exception as exc:
+                log.exception("store.group_commit_failed", error=str(exc), statements=len(batch))
+                for _, _, future in batch:
+                    if future is not None and not future.done():
+                        future.set_exception(exc)
+                        future.exception()  # a write_later nobody awaits must not warn
+                continue
+            self.commits += 1
+            for _, _, future in batch:
+                if future is not None and not future.done():
+                    future.set_result(None)
+
+
+def _grouped(batch: list[_Item]) -> list[tuple[str, list[Params]]]:
+    """Runs of the same statement, in order, so each run is one ``executemany``."""
+    groups: list[tuple[str, list[Params]]] = []
+    for sql, params, _ in batch:
+        if sql is None:
+            continue
+        if groups and groups[-1][0] == sql:
+            groups[-1][1].append(params)
+        else:
+            groups.append((sql, [params]))
+    return groups
 
 
 def _prepare_files(data_dir: Path, path: Path) -> None:

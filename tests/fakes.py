@@ -38,6 +38,7 @@ class FakePeer:
     token_for_daemon: str = ""  # what we present to the daemon (T2)
     daemon_url: str = ""
     pings: list[float] = field(default_factory=list)
+    frames: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
     url: str = ""
@@ -84,9 +85,16 @@ class FakePeer:
             {"sent_at": frame["msg"]["payload"]["sent_at"], "recv_at": now_ms() + self.skew_ms}
         )
 
+    async def _msg(self, request: web.Request) -> web.Response:
+        if not self._authorized(request, self.expected_token):
+            return web.json_response({"id": "api.context.invalid_token.error"}, status=401)
+        self.frames.append(await request.json())
+        return web.json_response({"status": "OK", "err": "", "payload": None})
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/api/v4/remotecluster/confirm_invite", self._confirm)
+        app.router.add_post("/api/v4/remotecluster/msg", self._msg)
         app.router.add_post("/api/v4/remotecluster/ping", self._ping)
         # A request the daemon gives up on is cancelled here too, so in_flight stays true.
         self._runner = web.AppRunner(app, shutdown_timeout=0.1, handler_cancellation=True)
@@ -155,6 +163,51 @@ class LocalApp:
 @asynccontextmanager
 async def local_app() -> AsyncIterator[LocalApp]:
     app = LocalApp()
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+@dataclass
+class Answer:
+    """How a :class:`ScriptedApp` answers: a status and a body, after an optional delay."""
+
+    status: int = 200
+    body: bytes = b""
+    delay: float = 0.0
+
+
+class ScriptedApp(LocalApp):
+    """A local application whose answers a test sets per path (default: 200, empty body)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: dict[str, Answer] = {}
+        self.refused: list[tuple[str, dict[str, Any]]] = []
+
+    def messages(self, path: str = "/topic") -> list[dict[str, Any]]:
+        """The messages the application took (answered 2xx), in arrival order."""
+        return [doc for p, doc in self.received if p == path]
+
+    def msg_ids(self, path: str = "/topic") -> list[str]:
+        return [doc["msg"]["id"] for doc in self.messages(path)]
+
+    async def _record(self, request: web.Request) -> web.Response:
+        answer = self.answers.get(
+            request.path, Answer(status=204 if request.path == "/events" else 200)
+        )
+        if answer.delay:
+            await asyncio.sleep(answer.delay)
+        doc = json.loads(await request.read())
+        (self.received if answer.status < 300 else self.refused).append((request.path, doc))
+        return web.Response(status=answer.status, body=answer.body, content_type="application/json")
+
+
+@asynccontextmanager
+async def scripted_app() -> AsyncIterator[ScriptedApp]:
+    app = ScriptedApp()
     await app.start()
     try:
         yield app

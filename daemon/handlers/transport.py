@@ -13,7 +13,8 @@ from daemon.keys import LINKS, REMOTE
 from daemon.models import Frame, Ping, check_frame, decode_json, now_ms
 
 
-async def _frame(request: web.Request) -> Frame:
+async def read_frame(request: web.Request) -> Frame:
+    """Read and check a peer's frame (400 when it is not a valid frame from this remote)."""
     frame = await read_json(request, Frame, param="remoteClusterFrame")
     check_frame(frame, request[REMOTE].remote_id)
     return frame
@@ -24,13 +25,13 @@ async def ping(request: web.Request) -> web.Response:
 
     Answers the bare ping object (not a Response), as Mattermost does, and writes nothing.
     """
-    frame = await _frame(request)
+    frame = await read_frame(request)
     payload = decode_json(bytes(frame.msg.payload), Ping, param="msg.payload")
     return json_response(Ping(sent_at=payload.sent_at, recv_at=now_ms()))
 
 
 async def confirm_invite(request: web.Request) -> web.Response:
     """``POST /api/v4/remotecluster/confirm_invite``: the accepter confirms our invite."""
-    frame = await _frame(request)
+    frame = await read_frame(request)
     await request.app[LINKS].receive_confirm(request[REMOTE], frame)
     return json_response({"status": "OK"})

@@ -1,0 +1,225 @@
+"""Messages from peers: topic routing to local applications, and answers given once.
+
+A frame on ``/msg`` is routed by its topic:
+
+1. a built-in topic (``sharedchannel_upload``, registered by the uploads module) goes to its
+   handler, which may itself consult the topic's ``[[topics]]`` route;
+2. otherwise a ``[[topics]]`` entry of that name, else the ``"*"`` entry (never for built-in
+   topics), forwards ``{"remote_id","remote_name","msg"}`` to the local application;
+3. a topic with no route is answered ``{"status":"OK","err":"","payload":null}`` (Mattermost).
+
+The local application's answer maps to the peer's: 2xx → OK with its JSON body as payload
+(null when empty), 4xx → FAIL with a short reason (final), 5xx/timeout/unreachable → 503 with
+``Retry-After`` (the sender retries). A final outcome (OK or FAIL) is committed to the
+``inbox`` table before the peer gets it; a frame repeating that message id from that remote
+is answered from there without forwarding twice, for ``inbox.dedupe_window``. A repeat that
+arrives while the first is still being forwarded waits for the first one's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import msgspec
+import structlog
+
+from daemon.config import TopicConfig
+from daemon.models import Msg, PeerResponse, Remote, now_ms
+from daemon.peers import read_capped
+from daemon.settings import Settings
+from daemon.store import Database, GroupCommit
+
+log = structlog.get_logger(__name__)
+
+RESERVED_TOPICS = frozenset({"ping", "invitation"})
+NULL = msgspec.Raw(b"null")
+JANITOR_PERIOD = 3600.0
+
+
+class LocalUnavailable(Exception):
+    """The local application could not take the message now; the peer should retry."""
+
+
+class ForwardedMessage(msgspec.Struct):
+    """What a local application receives for each inbound message."""
+
+    remote_id: str
+    remote_name: str
+    msg: Msg
+
+
+TopicHandler = Callable[[Remote, Msg], Awaitable[PeerResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    remote_id: str
+    msg_id: str
+
+
+class Inbound:
+    """Routes inbound messages and remembers final answers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        writer: GroupCommit,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._writer = writer
+        self._session = session
+        self._builtin: dict[str, TopicHandler] = {}
+        self._in_flight: dict[_Key, asyncio.Future[PeerResponse]] = {}
+        self._janitor: asyncio.Task[None] | None = None
+
+    def register(self, topic: str, handler: TopicHandler) -> None:
+        """Handle ``topic`` in the daemon itself (a built-in topic)."""
+        self._builtin[topic] = handler
+
+    def route_for(self, topic: str, *, wildcard: bool = True) -> TopicConfig | None:
+        """The configured route of a topic (``"*"`` as fallback when ``wildcard``)."""
+        fallback = None
+        for route in self._settings.config.topics:
+            if route.name == topic:
+                return route
+            if route.name == "*":
+                fallback = route
+        return fallback if wildcard and topic not in self._builtin else None
+
+    def start(self) -> None:
+        """Start the janitor that forgets answers older than the dedupe window."""
+        self._janitor = asyncio.create_task(self._prune_forever(), name="inbox.janitor")
+
+    async def stop(self) -> None:
+        """Stop the janitor."""
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+
+    async def receive(self, remote: Remote, msg: Msg) -> PeerResponse:
+        """Answer one inbound message; raises :class:`LocalUnavailable` for a retry."""
+        handler = self._builtin.get(msg.topic)
+        route = None if handler else self.route_for(msg.topic)
+        if handler is None and route is None:
+            return PeerResponse(status="OK", err="", payload=NULL)
+        key = _Key(remote.remote_id, msg.id)
+        if (running := self._in_flight.get(key)) is not None:
+            return await asyncio.shield(running)
+        # Registered before the first await: a repeat arriving meanwhile waits for this one.
+        future: asyncio.Future[PeerResponse] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            stored = await self._stored(key)
+            if stored is not None:
+                log.info("msg.repeated", remote_id=remote.remote_id, msg_id=msg.id, topic=msg.topic)
+                future.set_result(stored)
+                return stored
+            if handler is not None:
+                answer = await handler(remote, msg)
+            else:
+                assert route is not None
+                answer = await self.forward(route, remote, msg)
+            await self._writer.write(
+                "INSERT OR REPLACE INTO inbox "
+                "(remote_id, msg_id, topic, status, err, payload, answered_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (remote.remote_id, msg.id, msg.topic, answer.status, answer.err,
+                 bytes(answer.payload), now_ms()),
+            )  # fmt: skip
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # nobody may be waiting
+            raise
+        else:
+            future.set_result(answer)
+            return answer
+        finally:
+            del self._in_flight[key]
+
+    async def _stored(self, key: _Key) -> PeerResponse | None:
+        row = await self._db.fetchone(
+            "SELECT status, err, payload FROM inbox WHERE remote_id = ? AND msg_id = ?",
+            (key.remote_id, key.msg_id),
+        )
+        if row is None:
+            return None
+        return PeerResponse(
+            status=row["status"], err=row["err"], payload=msgspec.Raw(row["payload"])
+        )
+
+    async def forward(self, route: TopicConfig, remote: Remote, msg: Msg) -> PeerResponse:
+        """POST the message to a local application and map its answer (see module doc)."""
+        body = msgspec.json.encode(
+            ForwardedMessage(remote_id=remote.remote_id, remote_name=remote.name, msg=msg)
+        )
+        limit = self._settings.config.server.max_frame_size
+        try:
+            async with self._session.post(
+                route.forward_url,
+                data=body,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=route.timeout),
+                allow_redirects=False,
+            ) as resp:
+                answer = await read_capped(resp.content, limit)
+                status = resp.status
+        except TimeoutError:
+            raise LocalUnavailable(f"{route.name}: no answer within {route.timeout:g}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise LocalUnavailable(f"{route.name}: {type(exc).__name__}") from None
+        except Exception as exc:  # read_capped's PeerError: the answer is too large
+            raise LocalUnavailable(f"{route.name}: {exc}") from None
+        if 200 <= status < 300:
+            return PeerResponse(status="OK", err="", payload=_json_or_null(answer, route))
+        if 400 <= status < 500:
+            return PeerResponse(status="FAIL", err=_reason(status, answer), payload=NULL)
+        raise LocalUnavailable(f"{route.name}: HTTP {status}")
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_PERIOD)
+            cutoff = now_ms() - int(self._settings.config.inbox.dedupe_window * 1000)
+            try:
+                removed = await self._db.execute(
+                    "DELETE FROM inbox WHERE answered_at < ?", (cutoff,)
+                )
+            except Exception:
+                log.exception("inbox.prune_failed")
+                continue
+            if removed:
+                log.info("inbox.pruned", removed=removed)
+
+
+def _json_or_null(body: bytes, route: TopicConfig) -> msgspec.Raw:
+    if not body.strip():
+        return NULL
+    try:
+        msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        log.warning("msg.local_answer_not_json", topic_route=route.name)
+        return NULL
+    return msgspec.Raw(body)
+
+
+def _reason(status: int, body: bytes) -> str:
+    """A short reason for a local refusal: its ``error``/``message``/``err`` text, or the status."""
+    text = ""
+    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        doc = msgspec.json.decode(body)
+        if isinstance(doc, dict):
+            text = next((str(doc[k]) for k in ("err", "error", "message") if doc.get(k)), "")
+        elif isinstance(doc, str):
+            text = doc
+    if not text:
+        with contextlib.suppress(UnicodeDecodeError):
+            text = body.decode("utf-8").strip()
+    text = " ".join(text.split())[:200]
+    return text or f"the local application answered HTTP {status}"

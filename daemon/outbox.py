@@ -1,0 +1,445 @@
+"""The outbox: messages for peers, durable before they are acknowledged, delivered in order.
+
+``enqueue`` commits the message to the ``outbox`` table (group commit) before the local
+application gets its 202. One worker per remote then delivers that remote's messages in the
+order they were queued, one at a time, to the peer's ``/msg`` as Mattermost frames:
+
+* The peer's answer is final: ``{"status":"OK"}`` → ``delivered``; ``FAIL`` → ``rejected``
+  (its ``err`` kept as ``last_error``); any other 4xx but 401, 403, 408, 425 and 429 →
+  ``rejected`` too (the frame itself is refused, sending it again cannot help).
+* A transport error, a timeout, a 5xx (503 included), 401, 403, 408, 425 or 429 is retried
+  after a capped exponential backoff with full jitter (``outbox.retry_base`` doubling up to
+  ``outbox.retry_max``; a ``Retry-After`` is honoured up to the cap). Attempts, the next
+  attempt time and the last error are kept in the row, so the schedule survives restarts.
+* After ``outbox.max_attempts`` attempts (0: no limit) or ``outbox.max_age`` seconds the
+  message is ``dead``: an event ``msg.dead`` goes out and the next message goes on.
+* When the heartbeat sees the peer come back online, its worker retries at once instead of
+  waiting out the backoff.
+
+Why one at a time is enough: every per-message cost except the round trip itself is taken off
+the path. Outcomes are recorded with ``write_later`` (batched into the next group commit; the
+worker does not wait for the disk), and the next messages are read ahead in pages. A crash
+can lose an outcome that was not yet committed; the message is then sent again and the peer
+answers it from its inbox, without delivering it twice (at-least-once on the wire, once to
+the application).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+
+from daemon.errors import Conflict, NotFound, PayloadTooLarge, PeerError, TooManyRequests
+from daemon.events import EventSink
+from daemon.ids import new_id
+from daemon.metrics import Metrics
+from daemon.models import Frame, Msg, PeerResponse, Remote, now_ms
+from daemon.peers import MSG_PATH, PeerClient, PeerReply
+from daemon.remotes import Change, Remotes
+from daemon.settings import Settings
+from daemon.store import Database, GroupCommit
+
+log = structlog.get_logger(__name__)
+
+PAGE = 256
+RETRYABLE_4XX = frozenset({401, 403, 408, 425, 429})
+JANITOR_PERIOD = 3600.0
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform(0, min(cap, base·2^(attempt-1)))."""
+    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 60))
+    return rng.uniform(0.0, ceiling)
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class _Message:
+    seq: int
+    msg_id: str
+    topic: str
+    payload: bytes
+    create_at: int
+    attempts: int
+    next_attempt_at: int
+    last_error: str
+
+
+@dataclass(slots=True)
+class _Worker:
+    remote_id: str
+    queued: int = 0
+    task: asyncio.Task[None] | None = None
+    new_messages: asyncio.Event = field(default_factory=asyncio.Event)
+    online: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Outbox:
+    """Queues messages for peers and delivers them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        writer: GroupCommit,
+        remotes: Remotes,
+        peers: PeerClient,
+        events: EventSink,
+        metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._writer = writer
+        self._remotes = remotes
+        self._peers = peers
+        self._events = events
+        self._metrics = metrics
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
+        self._workers: dict[str, _Worker] = {}
+        self._janitor: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # Outcomes recorded but not yet committed, so a status read never goes back in time.
+        self._pending: dict[str, dict[str, Any]] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume delivery of what is queued; give up on messages of deleted remotes."""
+        rows = await self._db.fetchall(
+            "SELECT remote_id, count(*) AS n FROM outbox WHERE state = 'queued' GROUP BY remote_id"
+        )
+        for row in rows:
+            remote = self._remotes.get(row["remote_id"])
+            if remote is None or remote.is_deleted:
+                await self._bury_all(row["remote_id"], "the remote was deleted")
+                continue
+            self._worker(row["remote_id"]).queued = row["n"]
+        self._remotes.subscribe(self._on_change)
+        self._metrics.watch_outbox(self._depths)
+        self._janitor = asyncio.create_task(self._prune_forever(), name="outbox.janitor")
+
+    async def stop(self) -> None:
+        """Stop every worker (what is queued stays queued)."""
+        tasks = [w.task for w in self._workers.values() if w.task is not None]
+        tasks.extend(self._background)
+        if self._janitor is not None:
+            tasks.append(self._janitor)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def wake(self, remote: Remote, online: bool) -> None:
+        """Heartbeat listener: a peer back online is retried at once."""
+        worker = self._workers.get(remote.remote_id)
+        if online and worker is not None:
+            worker.online.set()
+
+    def _on_change(self, change: Change, remote: Remote) -> None:
+        if change is Change.DELETED and (worker := self._workers.pop(remote.remote_id, None)):
+            if worker.task is not None:
+                worker.task.cancel()
+            task = asyncio.create_task(self._bury_all(remote.remote_id, "the remote was deleted"))
+            self._background.add(task)  # a reference until it finishes; awaited at stop
+            task.add_done_callback(self._background.discard)
+
+    def _depths(self) -> dict[str, int]:
+        depths = {}
+        for worker in self._workers.values():
+            remote = self._remotes.get(worker.remote_id)
+            if remote is not None:
+                depths[remote.name] = worker.queued
+        return depths
+
+    def _worker(self, remote_id: str) -> _Worker:
+        worker = self._workers.get(remote_id)
+        if worker is None:
+            worker = self._workers[remote_id] = _Worker(remote_id)
+        if worker.task is None or worker.task.done():
+            worker.task = asyncio.create_task(self._run(worker), name=f"outbox:{remote_id}")
+        return worker
+
+    # --- the local application's side ----------------------------------------------------
+
+    async def enqueue(self, remote: Remote, topic: str, payload: bytes) -> str:
+        """Commit a message for ``remote`` and return its id (the frame's ``msg.id``)."""
+        if not remote.is_confirmed:
+            raise Conflict("The secure connection is not confirmed yet.")
+        cfg = self._settings.config
+        frame_size = len(payload) + len(topic) + 160
+        if frame_size > cfg.server.max_frame_size:
+            raise PayloadTooLarge(
+                detail=f"the frame would be larger than {cfg.server.max_frame_size} bytes"
+            )
+        worker = self._worker(remote.remote_id)
+        if worker.queued >= cfg.outbox.max_queued:
+            raise TooManyRequests(
+                f"The outbox for this remote is full ({cfg.outbox.max_queued} messages queued).",
+                error_id="api.remote_cluster.outbox_full.app_error",
+                headers={"Retry-After": str(max(1, round(cfg.outbox.retry_base * 4)))},
+            )
+        msg_id, now = new_id(), now_ms()
+        worker.queued += 1
+        try:
+            await self._writer.write(
+                "INSERT INTO outbox (msg_id, remote_id, topic, payload, create_at, update_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (msg_id, remote.remote_id, topic, payload, now, now),
+            )
+        except BaseException:
+            worker.queued -= 1
+            raise
+        worker.new_messages.set()
+        self._metrics.outbox_messages.labels("queued").inc()
+        return msg_id
+
+    async def status(self, remote_id: str, msg_id: str) -> dict[str, Any]:
+        """The message's state for the status endpoint (404 when unknown)."""
+        row = await self._db.fetchone(
+            "SELECT msg_id, topic, state, attempts, response, last_error FROM outbox "
+            "WHERE msg_id = ? AND remote_id = ?",
+            (msg_id, remote_id),
+        )
+        if row is None:
+            raise NotFound("Message not found.", error_id="api.remote_cluster.msg_not_found")
+        doc = {
+            "id": row["msg_id"],
+            "topic": row["topic"],
+            "state": row["state"],
+            "attempts": row["attempts"],
+            "response": row["response"],
+            "last_error": row["last_error"],
+        }
+        doc.update(self._pending.get(msg_id, {}))
+        response = doc["response"]
+        doc["response"] = msgspec.Raw(response) if response else None
+        return doc
+
+    # --- delivery ------------------------------------------------------------------------
+
+    async def _run(self, worker: _Worker) -> None:
+        cursor = 0
+        while True:
+            worker.new_messages.clear()
+            try:
+                page = await self._page(worker.remote_id, cursor)
+            except sqlite3.Error:
+                log.exception("outbox.read_failed", remote_id=worker.remote_id)
+                await asyncio.sleep(1.0)
+                continue
+            if not page:
+                await worker.new_messages.wait()
+                continue
+            for message in page:
+                await self._deliver(worker, message)
+                cursor = message.seq
+
+    async def _page(self, remote_id: str, after: int) -> list[_Message]:
+        rows = await self._db.fetchall(
+            "SELECT seq, msg_id, topic, payload, create_at, attempts, next_attempt_at, last_error "
+            "FROM outbox WHERE remote_id = ? AND state = 'queued' AND seq > ? ORDER BY seq LIMIT ?",
+            (remote_id, after, PAGE),
+        )
+        return [_Message(*row) for row in rows]
+
+    async def _deliver(self, worker: _Worker, message: _Message) -> None:
+        """Send one message until it is delivered, rejected or dead."""
+        frame = b""
+        while True:
+            remote = self._remotes.get(worker.remote_id)
+            if remote is None or remote.is_deleted:
+                return
+            cfg = self._settings.config.outbox
+            now = now_ms()
+            expires = message.create_at + int(cfg.max_age * 1000)
+            if (cfg.max_attempts and message.attempts >= cfg.max_attempts) or now >= expires:
+                self._bury(worker, remote, message)
+                return
+            if message.next_attempt_at > now:
+                await self._backoff(worker, (min(message.next_attempt_at, expires) - now) / 1000)
+                if worker.online.is_set():
+                    worker.online.clear()
+                    message.next_attempt_at = 0
+                continue
+            frame = frame or _frame(remote.remote_id, message)
+            message.attempts += 1
+            try:
+                reply = await self._peers.post(
+                    remote.site_url,
+                    MSG_PATH,
+                    remote_id=remote.remote_id,
+                    token=remote.remote_token,
+                    body=frame,
+                    timeout=cfg.send_timeout,
+                )
+                state, response = _classify(reply)
+            except (PeerError, _Retry) as exc:
+                self._retry(remote, message, exc)
+                continue
+            self._finish(worker, message, state, response)
+            return
+
+    async def _backoff(self, worker: _Worker, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.online.wait(), timeout=max(seconds, 0.0))
+
+    def _retry(self, remote: Remote, message: _Message, exc: PeerError | _Retry) -> None:
+        cfg = self._settings.config.outbox
+        reason = exc.reason if isinstance(exc, _Retry) else str(exc)
+        delay = backoff_delay(message.attempts, cfg.retry_base, cfg.retry_max, self._rng)
+        if isinstance(exc, _Retry) and exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, cfg.retry_max))
+        message.next_attempt_at = now_ms() + int(delay * 1000)
+        message.last_error = reason
+        self._metrics.outbox_attempts.labels("retry").inc()
+        log.log(
+            30 if message.attempts == 1 else 20,
+            "msg.retry",
+            remote_id=remote.remote_id,
+            remote_name=remote.name,
+            msg_id=message.msg_id,
+            attempts=message.attempts,
+            reason=reason,
+            retry_in_s=round(delay, 3),
+        )
+        self._record(
+            message.msg_id,
+            "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, update_at = ? "
+            "WHERE seq = ?",
+            (message.attempts, message.next_attempt_at, reason, now_ms(), message.seq),
+            {"attempts": message.attempts, "last_error": reason},
+        )
+
+    def _finish(
+        self, worker: _Worker, message: _Message, state: str, response: PeerResponse
+    ) -> None:
+        last_error = response.err if state == "rejected" else ""
+        raw = msgspec.json.encode(response)
+        worker.queued -= 1
+        self._metrics.outbox_attempts.labels("final").inc()
+        self._metrics.outbox_messages.labels(state).inc()
+        if state == "rejected":
+            log.warning(
+                "msg.rejected", remote_id=worker.remote_id, msg_id=message.msg_id, err=last_error
+            )
+        self._record(
+            message.msg_id,
+            "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, response = ?, "
+            "update_at = ? WHERE seq = ?",
+            (state, message.attempts, last_error, raw, now_ms(), message.seq),
+            {
+                "state": state,
+                "attempts": message.attempts,
+                "last_error": last_error,
+                "response": raw,
+            },
+        )
+
+    def _bury(self, worker: _Worker, remote: Remote, message: _Message) -> None:
+        worker.queued -= 1
+        self._metrics.outbox_messages.labels("dead").inc()
+        log.warning(
+            "msg.dead",
+            remote_id=remote.remote_id,
+            remote_name=remote.name,
+            msg_id=message.msg_id,
+            attempts=message.attempts,
+            last_error=message.last_error,
+        )
+        self._events.emit("msg.dead", remote, msg_id=message.msg_id, topic=message.topic,
+                          attempts=message.attempts, last_error=message.last_error)  # fmt: skip
+        self._record(
+            message.msg_id,
+            "UPDATE outbox SET state = 'dead', attempts = ?, update_at = ? WHERE seq = ?",
+            (message.attempts, now_ms(), message.seq),
+            {"state": "dead", "attempts": message.attempts},
+        )
+
+    def _record(
+        self, msg_id: str, sql: str, params: tuple[Any, ...], overlay: dict[str, Any]
+    ) -> None:
+        """Queue an outcome for the next group commit, visible to status reads meanwhile."""
+        self._pending.setdefault(msg_id, {}).update(overlay)
+        committed = self._writer.write_later(sql, params)
+        committed.add_done_callback(lambda _: self._forget_pending(msg_id, overlay))
+
+    def _forget_pending(self, msg_id: str, overlay: dict[str, Any]) -> None:
+        current = self._pending.get(msg_id)
+        if current is not None and all(current.get(k) is v for k, v in overlay.items()):
+            del self._pending[msg_id]
+
+    async def _bury_all(self, remote_id: str, reason: str) -> None:
+        changed = await self._db.execute(
+            "UPDATE outbox SET state = 'dead', last_error = ?, update_at = ? "
+            "WHERE remote_id = ? AND state = 'queued'",
+            (reason, now_ms(), remote_id),
+        )
+        if changed:
+            log.warning("msg.dead", remote_id=remote_id, messages=changed, last_error=reason)
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_PERIOD)
+            cutoff = now_ms() - int(self._settings.config.outbox.keep_done * 1000)
+            try:
+                removed = await self._db.execute(
+                    "DELETE FROM outbox WHERE state != 'queued' AND update_at < ?", (cutoff,)
+                )
+            except sqlite3.Error:
+                log.exception("outbox.prune_failed")
+                continue
+            if removed:
+                log.info("outbox.pruned", removed=removed)
+
+
+def _frame(remote_id: str, message: _Message) -> bytes:
+    return msgspec.json.encode(
+        Frame(
+            remote_id=remote_id,
+            msg=Msg(
+                id=message.msg_id,
+                topic=message.topic,
+                create_at=message.create_at,
+                payload=msgspec.Raw(message.payload),
+            ),
+        )
+    )
+
+
+def _classify(reply: PeerReply) -> tuple[str, PeerResponse]:
+    """Map a peer's answer to a final state, or raise :class:`_Retry`."""
+    if reply.status == 200:
+        try:
+            answer = msgspec.json.decode(reply.body, type=PeerResponse)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise _Retry("bad_response: the answer is not a Response") from None
+        if answer.status == "OK":
+            return "delivered", answer
+        return "rejected", PeerResponse(
+            status=answer.status,
+            err=answer.err or f"status {answer.status!r}",
+            payload=answer.payload,
+        )
+    if reply.status >= 500 or reply.status in RETRYABLE_4XX:
+        retry_after = reply.headers.get("Retry-After", "")
+        raise _Retry(
+            f"http_{reply.status}",
+            float(retry_after) if retry_after.isdigit() else None,
+        )
+    return "rejected", PeerResponse(
+        status="FAIL", err=f"the peer refused the frame: HTTP {reply.status}"
+    )
