@@ -16,11 +16,13 @@ from daemon import __version__
 from daemon.auth import OperatorAuth
 from daemon.config import Config
 from daemon.events import EventSink
+from daemon.filestore import FileStore
 from daemon.heartbeat import Heartbeat
 from daemon.inbound import Inbound
 from daemon.keys import (
     DATABASE,
     EVENTS,
+    FILESTORE,
     HEARTBEAT,
     INBOUND,
     LINKS,
@@ -31,6 +33,7 @@ from daemon.keys import (
     PEERS,
     REMOTES,
     SETTINGS,
+    UPLOADS,
     WRITER,
 )
 from daemon.links import LinkService
@@ -43,6 +46,7 @@ from daemon.remotes import Change, Remotes
 from daemon.routes import setup_routes
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
+from daemon.uploads import Uploads
 
 log = structlog.get_logger(__name__)
 
@@ -113,6 +117,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     app[OUTBOX] = outbox
     heartbeat.subscribe(outbox.wake)
+    store = FileStore(app[SETTINGS].config.data_dir)
+    app[FILESTORE] = store
+    uploads = Uploads(app[SETTINGS], app[DATABASE], store, events, app[METRICS], inbound)
+    app[UPLOADS] = uploads
+    await uploads.start()
     await outbox.start()
     inbound.start()
     heartbeat.start()
@@ -120,3 +129,4 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await heartbeat.stop()
     await inbound.stop()
     await outbox.stop()
+    await uploads.stop()

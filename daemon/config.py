@@ -99,9 +99,16 @@ class EventsConfig(_Section, frozen=True):
 
 
 class UploadsConfig(_Section, frozen=True):
-    """``[uploads]``: limits on files received from peers."""
+    """``[uploads]``: files and profile images, received and sent."""
 
     max_file_size: Bytes = 100 * 1024 * 1024
+    session_ttl: Seconds = 86_400.0
+    min_free_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+    commit_every: Bytes = 64 * 1024 * 1024
+    progress_timeout: Seconds = 60.0
+    max_image_size: Bytes = 6 * 1024 * 1024
+    max_image_pixels: Bytes = 7680 * 4320
+    keep_done: Seconds = 7 * 86_400.0
 
 
 class OutboxConfig(_Section, frozen=True):

@@ -8,6 +8,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from daemon.auth import Operator, OperatorAuth, Policy
 from daemon.events import EventSink
+from daemon.filestore import FileStore
 from daemon.heartbeat import Heartbeat
 from daemon.inbound import Inbound
 from daemon.links import LinkService
@@ -18,6 +19,7 @@ from daemon.peers import PeerClient
 from daemon.remotes import Remotes
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
+from daemon.uploads import Uploads
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
@@ -32,6 +34,8 @@ METRICS = web.AppKey("metrics", Metrics)
 HEARTBEAT = web.AppKey("heartbeat", Heartbeat)
 INBOUND = web.AppKey("inbound", Inbound)
 OUTBOX = web.AppKey("outbox", Outbox)
+FILESTORE = web.AppKey("filestore", FileStore)
+UPLOADS = web.AppKey("uploads", Uploads)
 POLICIES = web.AppKey("policies", dict[AbstractRoute, Policy])
 
 REQUEST_ID = web.RequestKey("request_id", str)

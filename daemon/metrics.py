@@ -123,6 +123,17 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.upload_bytes = Counter(
+            f"{PREFIX}_upload_received_bytes",
+            "Bytes of files received from peers and committed to disk",
+            registry=self.registry,
+        )
+        self.upload_sessions = Counter(
+            f"{PREFIX}_upload_sessions",
+            "Upload sessions opened by peers, and completed",
+            ["event"],
+            registry=self.registry,
+        )
         self.transitions = Counter(
             f"{PREFIX}_remote_transitions",
             "Online/offline transitions announced",

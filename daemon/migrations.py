@@ -73,4 +73,46 @@ MIGRATIONS: tuple[str, ...] = (
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX inbox_answered ON inbox (answered_at)
     """,
+    # 4: upload sessions peers opened here, and files this daemon sends.
+    """
+    CREATE TABLE uploads_in (
+        upload_id TEXT PRIMARY KEY,
+        remote_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        channel_id TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        file_size INTEGER NOT NULL,
+        committed INTEGER NOT NULL DEFAULT 0,
+        req_file_id TEXT NOT NULL,
+        create_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'receiving' CHECK (state IN ('receiving', 'complete')),
+        file_info BLOB,
+        update_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX uploads_in_state ON uploads_in (state, expires_at);
+    CREATE TABLE uploads_out (
+        upload_id TEXT PRIMARY KEY,
+        file_id TEXT NOT NULL,
+        remote_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        channel_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'queued'
+            CHECK (state IN ('queued', 'sending', 'completed', 'rejected', 'dead')),
+        session_created INTEGER NOT NULL DEFAULT 0,
+        sent INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        file_info BLOB,
+        create_at INTEGER NOT NULL,
+        update_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX uploads_out_file ON uploads_out (remote_id, file_id);
+    CREATE INDEX uploads_out_queue ON uploads_out (remote_id, state, create_at)
+    """,
 )

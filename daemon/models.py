@@ -263,3 +263,50 @@ def check_id(value: str, param: str, *, required: bool = True) -> str:
             detail=f"{param} must be a 26-character id",
         )
     return value
+
+
+class UploadSession(msgspec.Struct, kw_only=True):
+    """Mattermost's ``UploadSession`` as it travels in a ``sharedchannel_upload`` message."""
+
+    id: str = ""
+    type: str = ""
+    create_at: int = 0
+    user_id: str = ""
+    channel_id: str = ""
+    filename: str = ""
+    file_size: int = 0
+    file_offset: int = 0
+    remote_id: str = ""
+    req_file_id: str = ""
+
+
+def file_info_json(
+    *,
+    file_id: str,
+    user_id: str,
+    channel_id: str,
+    create_at: int,
+    name: str,
+    extension: str,
+    size: int,
+    mime_type: str,
+    remote_id: str,
+) -> bytes:
+    """Mattermost's ``FileInfo`` JSON (its omitempty fields left out, as Go does)."""
+    return msgspec.json.encode(
+        {
+            "id": file_id,
+            "user_id": user_id,
+            "channel_id": channel_id,
+            "create_at": create_at,
+            "update_at": create_at,
+            "delete_at": 0,
+            "name": name,
+            "extension": extension,
+            "size": size,
+            "mime_type": mime_type,
+            "mini_preview": None,
+            "remote_id": remote_id,
+            "archived": False,
+        }
+    )

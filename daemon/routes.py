@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from daemon.auth import INVITED_REMOTE, LINKED_REMOTE, MANAGE, METRICS_READER, PUBLIC, READ, Policy
-from daemon.handlers import health, management, messages, transport
+from daemon.handlers import files, health, management, messages, transport
 from daemon.keys import POLICIES
 
 API = "/api/v4/remotecluster"
@@ -29,6 +29,15 @@ ROUTES: tuple[tuple[str, str, Handler, Policy, str], ...] = (
         "transport.confirm",
     ),
     ("POST", f"{API}/msg", messages.receive, LINKED_REMOTE, "transport.msg"),
+    ("POST", f"{API}/upload/{{upload_id}}", files.upload, LINKED_REMOTE, "transport.upload"),
+    (
+        "HEAD",
+        f"{API}/upload/{{upload_id}}",
+        files.upload_offset,
+        LINKED_REMOTE,
+        "transport.upload_offset",
+    ),
+    ("POST", f"{API}/{{user_id}}/image", files.profile_image, LINKED_REMOTE, "transport.image"),
     # Management (operators).
     ("GET", API, management.list_remotes, READ, "remotes.list"),
     ("POST", API, management.create_remote, MANAGE, "remotes.create"),
