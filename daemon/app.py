@@ -16,12 +16,14 @@ from daemon import __version__
 from daemon.auth import OperatorAuth
 from daemon.config import Config
 from daemon.events import EventSink
+from daemon.filesend import FileSender
 from daemon.filestore import FileStore
 from daemon.heartbeat import Heartbeat
 from daemon.inbound import Inbound
 from daemon.keys import (
     DATABASE,
     EVENTS,
+    FILE_SENDER,
     FILESTORE,
     HEARTBEAT,
     INBOUND,
@@ -121,7 +123,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[FILESTORE] = store
     uploads = Uploads(app[SETTINGS], app[DATABASE], store, events, app[METRICS], inbound)
     app[UPLOADS] = uploads
+    sender = FileSender(
+        app[SETTINGS], app[DATABASE], store, remotes, app[PEERS], events, app[METRICS]
+    )
+    app[FILE_SENDER] = sender
+    heartbeat.subscribe(sender.wake)
     await uploads.start()
+    await sender.start()
     await outbox.start()
     inbound.start()
     heartbeat.start()
@@ -129,4 +137,5 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await heartbeat.stop()
     await inbound.stop()
     await outbox.stop()
+    await sender.stop()
     await uploads.stop()

@@ -8,6 +8,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from daemon.auth import Operator, OperatorAuth, Policy
 from daemon.events import EventSink
+from daemon.filesend import FileSender
 from daemon.filestore import FileStore
 from daemon.heartbeat import Heartbeat
 from daemon.inbound import Inbound
@@ -36,6 +37,7 @@ INBOUND = web.AppKey("inbound", Inbound)
 OUTBOX = web.AppKey("outbox", Outbox)
 FILESTORE = web.AppKey("filestore", FileStore)
 UPLOADS = web.AppKey("uploads", Uploads)
+FILE_SENDER = web.AppKey("file_sender", FileSender)
 POLICIES = web.AppKey("policies", dict[AbstractRoute, Policy])
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -134,6 +134,17 @@ class Metrics:
             ["event"],
             registry=self.registry,
         )
+        self.files_sent = Counter(
+            f"{PREFIX}_files_sent",
+            "Files this daemon sent, by final state (completed, rejected, dead)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.files_sent_bytes = Counter(
+            f"{PREFIX}_files_sent_bytes",
+            "Bytes of files sent to peers in requests that completed",
+            registry=self.registry,
+        )
         self.transitions = Counter(
             f"{PREFIX}_remote_transitions",
             "Online/offline transitions announced",

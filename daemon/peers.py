@@ -87,25 +87,49 @@ class PeerClient:
 
         Any HTTP status is returned: what counts as success is the caller's decision.
         """
+        return await self.request(
+            "POST",
+            site_url,
+            path,
+            remote_id=remote_id,
+            token=token,
+            body=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+            timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30.0)),
+        )
+
+    async def request(
+        self,
+        method: str,
+        site_url: str,
+        path: str,
+        *,
+        remote_id: str,
+        token: str,
+        timeout: aiohttp.ClientTimeout,
+        body: bytes | AsyncIterator[bytes] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> PeerReply:
+        """Any authenticated request to a peer (a streamed upload body included)."""
         request_headers = {
-            "Content-Type": "application/json",
             HEADER_REMOTE_ID: remote_id,
             HEADER_REMOTE_TOKEN: token,
             **(headers or {}),
         }
-        url = join_url(site_url, path)
         try:
-            async with self._session.post(
-                url,
+            async with self._session.request(
+                method,
+                join_url(site_url, path),
                 data=body,
                 headers=request_headers,
-                timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30.0)),
+                timeout=timeout,
                 allow_redirects=False,
             ) as resp:
                 data = await read_capped(resp.content, self._max_body)
                 return PeerReply(resp.status, resp.headers, data)
         except TimeoutError:
-            raise PeerError("timeout", f"no answer within {timeout:g}s") from None
+            limit = timeout.total or timeout.sock_read or 0
+            raise PeerError("timeout", f"no answer within {limit:g}s") from None
         except aiohttp.ClientConnectorError as exc:
             raise PeerError("unreachable", _describe(exc)) from None
         except (aiohttp.ClientError, OSError) as exc:

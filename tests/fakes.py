@@ -39,6 +39,10 @@ class FakePeer:
     daemon_url: str = ""
     pings: list[float] = field(default_factory=list)
     frames: list[dict[str, Any]] = field(default_factory=list)
+    # Mattermost's upload receiver: sessions by id, their bytes, and a one-time cut-off.
+    upload_sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    upload_data: dict[str, bytearray] = field(default_factory=dict)
+    cut_first_upload_after: int | None = None
     in_flight: int = 0
     max_in_flight: int = 0
     url: str = ""
@@ -88,13 +92,47 @@ class FakePeer:
     async def _msg(self, request: web.Request) -> web.Response:
         if not self._authorized(request, self.expected_token):
             return web.json_response({"id": "api.context.invalid_token.error"}, status=401)
-        self.frames.append(await request.json())
+        frame = await request.json()
+        self.frames.append(frame)
+        if frame["msg"]["topic"] == "sharedchannel_upload":
+            session = dict(frame["msg"]["payload"])
+            self.upload_sessions[session["id"]] = session
+            self.upload_data[session["id"]] = bytearray()
+            return web.json_response({"status": "OK", "err": "", "payload": session})
         return web.json_response({"status": "OK", "err": "", "payload": None})
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        """Mattermost's uploadRemoteData: append at its own offset; no Upload-Offset, no HEAD."""
+        if not self._authorized(request, self.expected_token):
+            return web.json_response({"id": "api.context.invalid_token.error"}, status=401)
+        upload_id = request.match_info["upload_id"]
+        session = self.upload_sessions.get(upload_id)
+        if session is None:
+            return web.json_response({"id": "app.upload.get.app_error"}, status=404)
+        data = self.upload_data[upload_id]
+        cut = self.cut_first_upload_after
+        async for chunk in request.content.iter_any():
+            data += chunk
+            if cut is not None and len(data) >= cut:
+                self.cut_first_upload_after = None
+                assert request.transport is not None
+                request.transport.abort()  # the connection breaks mid-body; bytes kept
+                return web.Response(status=500)
+        if len(data) < session["file_size"]:
+            return web.Response(status=204)
+        info = {
+            "id": session["req_file_id"],
+            "size": len(data),
+            "name": session["filename"],
+            "remote_id": self.remote_id,
+        }
+        return web.json_response(info)
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/api/v4/remotecluster/confirm_invite", self._confirm)
         app.router.add_post("/api/v4/remotecluster/msg", self._msg)
+        app.router.add_post("/api/v4/remotecluster/upload/{upload_id}", self._upload)
         app.router.add_post("/api/v4/remotecluster/ping", self._ping)
         # A request the daemon gives up on is cancelled here too, so in_flight stays true.
         self._runner = web.AppRunner(app, shutdown_timeout=0.1, handler_cancellation=True)
@@ -213,3 +251,72 @@ async def scripted_app() -> AsyncIterator[ScriptedApp]:
         yield app
     finally:
         await app.stop()
+
+
+class FaultProxy:
+    """A TCP proxy to a daemon that can break a request after some bytes.
+
+    After ``cut_after(n)``, the first connection (new or kept alive) that carries ``n`` more
+    bytes from the client to the server is dropped there (a network failure mid-body).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._cut: int | None = None
+        self._server: asyncio.Server | None = None
+        self.cuts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cut_after(self, size: int) -> None:
+        self._cut = size
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+    ) -> None:
+        carried = 0
+        armed_at: int | None = None
+        try:
+            while data := await reader.read(65536):
+                if upstream and self._cut is not None:
+                    armed_at = carried if armed_at is None else armed_at
+                    room = self._cut - (carried - armed_at)
+                    if len(data) >= room:
+                        self._cut = None
+                        writer.write(data[:room])
+                        await writer.drain()
+                        self.cuts += 1
+                        break
+                carried += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        upstream = asyncio.create_task(self._pipe(client_r, server_w, True))
+        downstream = asyncio.create_task(self._pipe(server_r, client_w, False))
+        await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (upstream, downstream):
+            task.cancel()
+        client_w.close()
+        server_w.close()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

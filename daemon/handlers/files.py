@@ -5,6 +5,12 @@
   complete); ``Upload-Offset`` optional (409 on a mismatch).
 * ``HEAD /api/v4/remotecluster/upload/{upload_id}``: ``Upload-Offset`` and ``Upload-Length``.
 * ``POST /api/v4/remotecluster/{user_id}/image``: multipart field ``image``.
+
+Extension for local applications (operator token):
+
+* ``POST /api/v4/remotecluster/{remote_id}/files?filename=NAME`` (optional ``channel_id``,
+  ``user_id``, ``file_id``): the file's bytes, kept on disk before the 202.
+* ``GET /api/v4/remotecluster/{remote_id}/files/{file_id}``: the transfer's state.
 """
 
 from __future__ import annotations
@@ -14,11 +20,11 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import BodyPartReader, web
 
-from daemon.errors import BadRequest, PayloadTooLarge
+from daemon.errors import BadRequest, NotFound, PayloadTooLarge
 from daemon.filestore import IMAGES
 from daemon.handlers.common import json_response, path_id
 from daemon.images import ImageError, inspect
-from daemon.keys import EVENTS, FILESTORE, REMOTE, SETTINGS, UPLOADS
+from daemon.keys import EVENTS, FILE_SENDER, FILESTORE, REMOTE, REMOTES, SETTINGS, UPLOADS
 
 log = structlog.get_logger(__name__)
 
@@ -121,3 +127,30 @@ async def _read_capped(part: BodyPartReader, limit: int) -> bytes:
         if len(data) > limit:
             raise PayloadTooLarge(detail=f"profile images are limited to {limit} bytes")
     return bytes(data)
+
+
+async def send_file(request: web.Request) -> web.Response:
+    """Keep a local application's file and queue it for the peer (202)."""
+    remote = request.app[REMOTES].get(path_id(request, "remote_id"))
+    if remote is None or remote.is_deleted:
+        raise NotFound("Secure connection not found.", error_id="api.remote_cluster.get.not_found")
+    query = request.query
+    answer = await request.app[FILE_SENDER].accept(
+        remote,
+        request.content.iter_any(),
+        filename=query.get("filename", ""),
+        content_length=request.content_length,
+        channel_id=query.get("channel_id", ""),
+        user_id=query.get("user_id", ""),
+        file_id=query.get("file_id", ""),
+    )
+    return json_response(answer, status=202)
+
+
+async def file_status(request: web.Request) -> web.Response:
+    """The state of a file sent to a peer."""
+    remote_id = path_id(request, "remote_id")
+    status = await request.app[FILE_SENDER].status(remote_id, path_id(request, "file_id"))
+    if status is None:
+        raise NotFound("File not found.", error_id="api.remote_cluster.file_not_found")
+    return json_response(status)

@@ -1,0 +1,475 @@
+"""Files this daemon sends: kept on disk, then sent to the peer in a resumable way.
+
+``POST /api/v4/remotecluster/{remote_id}/files`` streams the local application's file to
+``outgoing/<upload id>``, fsyncs it and records it before the 202. One worker per remote then
+sends that remote's files one after another (apart from the message outbox, so a large file
+never holds messages back):
+
+1. open the session on the peer with a ``sharedchannel_upload`` message (Mattermost's
+   ``UploadSession``, our upload id as its id and the file id as ``req_file_id``); the peer's
+   FAIL is final (``rejected``);
+2. stream the bytes to ``/upload/{id}`` with ``Upload-Offset`` and a Content-Length; a 200 with
+   the FileInfo is ``completed``;
+3. after a failure, ask the peer where it stands (``HEAD``, beyond Mattermost) and go on from
+   there; a peer that cannot tell (a Mattermost server) gets a fresh session and the whole file
+   again, since appending blindly could duplicate bytes.
+
+There is no cap on a transfer's total time (Mattermost gives a whole file one minute); a
+transfer that makes no progress for ``uploads.progress_timeout`` seconds is cut and retried.
+Retries follow the ``[outbox]`` policy (full-jitter backoff, ``max_attempts``, ``max_age``);
+a peer back online is retried at once. Final states send ``file.sent``, ``file.rejected`` or
+``file.dead`` events. The local copy is removed once the file is sent or rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+
+from daemon.errors import BadRequest, Conflict, PayloadTooLarge, PeerError
+from daemon.events import EventSink
+from daemon.filestore import OUTGOING, FileStore
+from daemon.ids import is_valid_id, new_id
+from daemon.metrics import Metrics
+from daemon.models import Frame, Msg, PeerResponse, Remote, UploadSession, now_ms
+from daemon.outbox import RETRYABLE_4XX, backoff_delay
+from daemon.peers import MSG_PATH, PeerClient
+from daemon.remotes import Change, Remotes
+from daemon.settings import Settings
+from daemon.store import Database
+from daemon.uploads import UPLOAD_TOPIC, display_name
+
+log = structlog.get_logger(__name__)
+
+UPLOAD_PATH = "api/v4/remotecluster/upload/"
+READ_BLOCK = 1024 * 1024
+NO_CHANNEL = "nochannelnochannelnochanne"  # a valid id for files sent without a channel
+
+
+class _Retry(Exception):
+    """A transient failure: try again after the backoff."""
+
+
+class _Final(Exception):
+    """The peer refused the file for good."""
+
+
+class _Restart(Exception):
+    """The peer's session is gone or cannot resume: open a fresh one."""
+
+
+@dataclass(slots=True)
+class _Worker:
+    remote_id: str
+    task: asyncio.Task[None] | None = None
+    new_files: asyncio.Event = field(default_factory=asyncio.Event)
+    online: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FileSender:
+    """Accepts files from local applications and sends them to peers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        store: FileStore,
+        remotes: Remotes,
+        peers: PeerClient,
+        events: EventSink,
+        metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._store = store
+        self._remotes = remotes
+        self._peers = peers
+        self._events = events
+        self._metrics = metrics
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
+        self._workers: dict[str, _Worker] = {}
+
+    async def start(self) -> None:
+        """Resume what was being sent."""
+        rows = await self._db.fetchall(
+            "SELECT DISTINCT remote_id FROM uploads_out WHERE state IN ('queued', 'sending')"
+        )
+        for row in rows:
+            remote = self._remotes.get(row["remote_id"])
+            if remote is not None and not remote.is_deleted:
+                self._worker(row["remote_id"])
+        self._remotes.subscribe(self._on_change)
+
+    async def stop(self) -> None:
+        """Stop every worker; transfers resume at the next start."""
+        tasks = [w.task for w in self._workers.values() if w.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def wake(self, remote: Remote, online: bool) -> None:
+        """Heartbeat listener: retry at once when the peer is back."""
+        worker = self._workers.get(remote.remote_id)
+        if online and worker is not None:
+            worker.online.set()
+
+    def _on_change(self, change: Change, remote: Remote) -> None:
+        worker = self._workers.pop(remote.remote_id, None) if change is Change.DELETED else None
+        if worker is not None and worker.task is not None:
+            worker.task.cancel()
+
+    def _worker(self, remote_id: str) -> _Worker:
+        worker = self._workers.get(remote_id)
+        if worker is None:
+            worker = self._workers[remote_id] = _Worker(remote_id)
+        if worker.task is None or worker.task.done():
+            worker.task = asyncio.create_task(self._run(worker), name=f"files:{remote_id}")
+        return worker
+
+    # --- the local application's side ---------------------------------------------------
+
+    async def accept(
+        self,
+        remote: Remote,
+        chunks: AsyncIterator[bytes],
+        *,
+        filename: str,
+        content_length: int | None,
+        channel_id: str = "",
+        user_id: str = "",
+        file_id: str = "",
+    ) -> dict[str, Any]:
+        """Keep the file on disk, record it, and queue it for ``remote`` (the 202's body)."""
+        if not remote.is_confirmed:
+            raise Conflict("The secure connection is not confirmed yet.")
+        if not filename.strip():
+            raise BadRequest("Missing filename parameter.")
+        for name, value in (("channel_id", channel_id), ("user_id", user_id), ("file_id", file_id)):
+            if value and not (is_valid_id(value) or (name == "user_id" and value == "nouser")):
+                raise BadRequest(f"Invalid {name} parameter.")
+        limit = self._settings.config.uploads.max_file_size
+        if content_length is not None and content_length > limit:
+            raise PayloadTooLarge(detail=f"files are limited to {limit} bytes")
+        file_id = file_id or new_id()
+        if await self._db.fetchone(
+            "SELECT 1 FROM uploads_out WHERE remote_id = ? AND file_id = ?",
+            (remote.remote_id, file_id),
+        ):
+            raise Conflict("This file id was already sent to this remote.")
+        upload_id = new_id()
+        size = await self._save(upload_id, chunks, limit)
+        now = now_ms()
+        try:
+            await self._db.execute(
+                "INSERT INTO uploads_out (upload_id, file_id, remote_id, session_id, filename, "
+                "channel_id, user_id, size, create_at, update_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (upload_id, file_id, remote.remote_id, upload_id, display_name(filename),
+                 channel_id or NO_CHANNEL, user_id or "nouser", size, now, now),
+            )  # fmt: skip
+        except sqlite3.IntegrityError:
+            await self._store.remove(self._store.path(OUTGOING, upload_id))
+            raise Conflict("This file id was already sent to this remote.") from None
+        self._worker(remote.remote_id).new_files.set()
+        log.info("file.queued", remote_id=remote.remote_id, file_id=file_id, upload_id=upload_id,
+                 size=size)  # fmt: skip
+        return {"file_id": file_id, "upload_id": upload_id, "state": "queued"}
+
+    async def _save(self, upload_id: str, chunks: AsyncIterator[bytes], limit: int) -> int:
+        part = self._store.path(OUTGOING, upload_id, suffix=".part")
+        fd = await self._store.open_for_write(part)
+        try:
+            size = await self._copy(fd, chunks, limit)
+        except BaseException:
+            await self._store.close(fd)
+            await self._store.remove(part)
+            raise
+        await self._store.close(fd)
+        await self._store.complete(part, self._store.path(OUTGOING, upload_id))
+        return size
+
+    async def _copy(self, fd: int, chunks: AsyncIterator[bytes], limit: int) -> int:
+        """Write the request body to ``fd`` in large blocks; refuse empty or oversized bodies."""
+        size, block = 0, bytearray()
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(detail=f"files are limited to {limit} bytes")
+            block += chunk
+            if len(block) >= READ_BLOCK * 4:
+                await self._store.pwrite(fd, bytes(block), size - len(block))
+                block.clear()
+        if block:
+            await self._store.pwrite(fd, bytes(block), size - len(block))
+        if size == 0:
+            raise BadRequest("The file is empty.")
+        return size
+
+    async def status(self, remote_id: str, file_id: str) -> dict[str, Any] | None:
+        """The file's state for the status endpoint."""
+        row = await self._db.fetchone(
+            "SELECT * FROM uploads_out WHERE remote_id = ? AND file_id = ?", (remote_id, file_id)
+        )
+        if row is None:
+            return None
+        info = row["file_info"]
+        return {
+            "file_id": row["file_id"],
+            "upload_id": row["upload_id"],
+            "state": row["state"],
+            "offset": row["sent"],
+            "size": row["size"],
+            "file_info": msgspec.Raw(info) if info else None,
+            "last_error": row["last_error"],
+        }
+
+    # --- sending ---------------------------------------------------------------------------
+
+    async def _run(self, worker: _Worker) -> None:
+        while True:
+            worker.new_files.clear()
+            try:
+                rows = await self._db.fetchall(
+                    "SELECT * FROM uploads_out WHERE remote_id = ? "
+                    "AND state IN ('queued', 'sending') ORDER BY create_at, upload_id LIMIT 16",
+                    (worker.remote_id,),
+                )
+            except sqlite3.Error:
+                log.exception("file.read_failed", remote_id=worker.remote_id)
+                await asyncio.sleep(1.0)
+                continue
+            if not rows:
+                await worker.new_files.wait()
+                continue
+            for row in rows:
+                await self._transfer(worker, dict(row))
+
+    async def _transfer(self, worker: _Worker, row: dict[str, Any]) -> None:
+        """Send one file until it is completed, rejected or dead."""
+        while True:
+            remote = self._remotes.get(worker.remote_id)
+            if remote is None or remote.is_deleted:
+                return
+            cfg = self._settings.config.outbox
+            now = now_ms()
+            expires = row["create_at"] + int(cfg.max_age * 1000)
+            if (cfg.max_attempts and row["attempts"] >= cfg.max_attempts) or now >= expires:
+                await self._finish(remote, row, "dead")
+                return
+            if row["next_attempt_at"] > now:
+                with contextlib.suppress(TimeoutError):
+                    wait = (min(row["next_attempt_at"], expires) - now) / 1000
+                    await asyncio.wait_for(worker.online.wait(), timeout=wait)
+                if worker.online.is_set():
+                    worker.online.clear()
+                    row["next_attempt_at"] = 0
+                continue
+            row["attempts"] += 1
+            await self._update(row, state="sending", attempts=row["attempts"])
+            try:
+                info = await self._attempt(remote, row)
+            except _Final as exc:
+                row["last_error"] = str(exc)
+                await self._finish(remote, row, "rejected")
+                return
+            except _Restart as exc:
+                # A fresh session on the peer, and the whole file again, after the backoff.
+                await self._update(row, session_id=new_id(), session_created=0, sent=0)
+                await self._retry(remote, row, str(exc))
+                continue
+            except (_Retry, PeerError) as exc:
+                await self._retry(remote, row, str(exc))
+                continue
+            row["file_info"] = info
+            await self._finish(remote, row, "completed")
+            return
+
+    async def _attempt(self, remote: Remote, row: dict[str, Any]) -> bytes:
+        """One try: open the session if needed, learn the offset, send the rest."""
+        offset = 0
+        if not row["session_created"]:
+            await self._open_session(remote, row)
+            await self._update(row, session_created=1, sent=0)
+        elif row["sent"] or row["attempts"] > 1:
+            known = await self._peer_offset(remote, row)
+            if known is None:
+                raise _Restart("the peer cannot tell how much it has (no resume)")
+            offset = known
+            await self._update(row, sent=offset)
+        return await self._send_bytes(remote, row, offset)
+
+    async def _open_session(self, remote: Remote, row: dict[str, Any]) -> None:
+        session = UploadSession(
+            id=row["session_id"], type="attachment", create_at=now_ms(), user_id=row["user_id"],
+            channel_id=row["channel_id"], filename=row["filename"], file_size=row["size"],
+            file_offset=0, remote_id=remote.remote_id, req_file_id=row["file_id"],
+        )  # fmt: skip
+        frame = Frame(
+            remote_id=remote.remote_id,
+            msg=Msg(id=new_id(), topic=UPLOAD_TOPIC, create_at=now_ms(),
+                    payload=msgspec.Raw(msgspec.json.encode(session))),
+        )  # fmt: skip
+        reply = await self._peers.post(
+            remote.site_url,
+            MSG_PATH,
+            remote_id=remote.remote_id,
+            token=remote.remote_token,
+            body=msgspec.json.encode(frame),
+            timeout=self._settings.config.outbox.send_timeout,
+        )
+        if reply.status != 200:
+            if reply.status >= 500 or reply.status in RETRYABLE_4XX:
+                raise _Retry(f"opening the session: HTTP {reply.status}")
+            raise _Final(f"the peer refused the session: HTTP {reply.status}")
+        try:
+            answer = msgspec.json.decode(reply.body, type=PeerResponse)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise _Retry("opening the session: the answer is not a Response") from None
+        if answer.status != "OK":
+            raise _Final(answer.err or "the peer refused the upload session")
+
+    async def _peer_offset(self, remote: Remote, row: dict[str, Any]) -> int | None:
+        """The peer's committed offset, or None when it cannot tell (no HEAD support)."""
+        reply = await self._peers.request(
+            "HEAD",
+            remote.site_url,
+            UPLOAD_PATH + row["session_id"],
+            remote_id=remote.remote_id,
+            token=remote.remote_token,
+            timeout=aiohttp.ClientTimeout(total=self._settings.config.heartbeat.timeout),
+        )
+        if reply.status == 200 and reply.headers.get("Upload-Offset", "").isdigit():
+            return int(reply.headers["Upload-Offset"])
+        if reply.status >= 500 or reply.status in RETRYABLE_4XX:
+            raise _Retry(f"asking the offset: HTTP {reply.status}")
+        return None  # 404 (session gone) or 405 (a peer without resume): start over
+
+    async def _send_bytes(self, remote: Remote, row: dict[str, Any], offset: int) -> bytes:
+        """Stream ``file[offset:]``; return the FileInfo of the completed upload."""
+        progress = _Progress()
+        timeout = self._settings.config.uploads.progress_timeout
+        body = self._read_from(row["upload_id"], offset, progress)
+        request = asyncio.ensure_future(
+            self._peers.request(
+                "POST",
+                remote.site_url,
+                UPLOAD_PATH + row["session_id"],
+                remote_id=remote.remote_id,
+                token=remote.remote_token,
+                body=body,
+                headers={
+                    "Upload-Offset": str(offset),
+                    "Content-Length": str(row["size"] - offset),
+                    "Content-Type": "application/octet-stream",
+                },
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout),
+            )
+        )
+        try:
+            while not request.done():
+                await asyncio.wait({request}, timeout=min(timeout, 1.0))
+                if time.monotonic() - progress.at > timeout and not request.done():
+                    request.cancel()
+                    raise _Retry(f"no progress for {timeout:g}s after {progress.sent} bytes")
+        finally:
+            if not request.done():
+                request.cancel()
+        reply = request.result()
+        if reply.status == 200:
+            self._metrics.files_sent_bytes.inc(row["size"] - offset)
+            return reply.body
+        if reply.status == 409 and reply.headers.get("Upload-Offset", "").isdigit():
+            await self._update(row, sent=int(reply.headers["Upload-Offset"]))
+            raise _Retry("the peer holds a different offset")
+        if reply.status == 204:
+            raise _Retry("the peer wants more bytes")
+        if reply.status == 404:
+            raise _Restart("the peer no longer knows the upload session")
+        if reply.status >= 500 or reply.status in RETRYABLE_4XX:
+            raise _Retry(f"sending the bytes: HTTP {reply.status}")
+        raise _Final(f"the peer refused the bytes: HTTP {reply.status}")
+
+    async def _read_from(
+        self, upload_id: str, offset: int, progress: _Progress
+    ) -> AsyncIterator[bytes]:
+        path = self._store.path(OUTGOING, upload_id)
+        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            position = offset
+            while block := await asyncio.to_thread(os.pread, fd, READ_BLOCK, position):
+                position += len(block)
+                progress.mark(len(block))
+                yield block
+        finally:
+            await asyncio.to_thread(os.close, fd)
+
+    async def _retry(self, remote: Remote, row: dict[str, Any], reason: str) -> None:
+        cfg = self._settings.config.outbox
+        delay = backoff_delay(row["attempts"], cfg.retry_base, cfg.retry_max, self._rng)
+        row["next_attempt_at"] = now_ms() + int(delay * 1000)
+        log.log(
+            30 if row["attempts"] == 1 else 20,
+            "file.retry",
+            remote_id=remote.remote_id,
+            remote_name=remote.name,
+            file_id=row["file_id"],
+            attempts=row["attempts"],
+            sent=row["sent"],
+            reason=reason,
+            retry_in_s=round(delay, 3),
+        )
+        await self._update(row, next_attempt_at=row["next_attempt_at"], last_error=reason)
+
+    async def _finish(self, remote: Remote, row: dict[str, Any], state: str) -> None:
+        fields: dict[str, Any] = {"state": state, "last_error": row["last_error"]}
+        if state == "completed":
+            fields.update(file_info=row["file_info"], sent=row["size"], last_error="")
+        await self._update(row, **fields)
+        self._metrics.files_sent.labels(state).inc()
+        event = {"completed": "file.sent", "rejected": "file.rejected", "dead": "file.dead"}[state]
+        log.log(20 if state == "completed" else 30, event, remote_id=remote.remote_id,
+                remote_name=remote.name, file_id=row["file_id"], upload_id=row["upload_id"],
+                size=row["size"], attempts=row["attempts"],
+                last_error=row["last_error"] or None)  # fmt: skip
+        extra: dict[str, Any] = {"file_id": row["file_id"], "upload_id": row["upload_id"]}
+        if state == "completed":
+            extra["file_info"] = msgspec.Raw(row["file_info"])
+        else:
+            extra["last_error"] = row["last_error"]
+        self._events.emit(event, remote, **extra)
+        if state != "dead":
+            await self._store.remove(self._store.path(OUTGOING, row["upload_id"]))
+
+    async def _update(self, row: dict[str, Any], **fields: Any) -> None:
+        row.update(fields)
+        fields["update_at"] = now_ms()
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        await self._db.execute(
+            f"UPDATE uploads_out SET {assignments} WHERE upload_id = ?",  # noqa: S608
+            [*fields.values(), row["upload_id"]],
+        )
+
+
+class _Progress:
+    """How many bytes a transfer handed to the connection, and when it last moved."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.at = time.monotonic()
+
+    def mark(self, size: int) -> None:
+        """The connection took another block."""
+        self.sent += size
+        self.at = time.monotonic()
