@@ -7,6 +7,8 @@ aiohttp runs the contexts' exits in reverse and only for those whose start succe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import structlog
@@ -133,7 +135,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await outbox.start()
     inbound.start()
     heartbeat.start()
+    lag = asyncio.create_task(app[METRICS].watch_loop_lag(), name="metrics.loop_lag")
     yield
+    lag.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await lag
     await heartbeat.stop()
     await inbound.stop()
     await outbox.stop()

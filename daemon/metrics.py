@@ -8,6 +8,7 @@ remote *names*, never ids or paths.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -145,12 +146,26 @@ class Metrics:
             "Bytes of files sent to peers in requests that completed",
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late a 20 ms timer fires: time the event loop was busy or blocked",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5),
+            registry=self.registry,
+        )
         self.transitions = Counter(
             f"{PREFIX}_remote_transitions",
             "Online/offline transitions announced",
             ["to"],
             registry=self.registry,
         )
+
+    async def watch_loop_lag(self, period: float = 0.02) -> None:
+        """Forever: sleep ``period`` and record how late the loop woke (its lag)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + period
+            await asyncio.sleep(period)
+            self.loop_lag.observe(max(0.0, loop.time() - expected))
 
     def watch_outbox(self, source: Callable[[], dict[str, int]]) -> None:
         """Report the outbox depth per remote name from ``source`` at every scrape."""
