@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import msgspec
 import structlog
 from aiohttp import web
 
 from daemon import __version__
+from daemon import logging as daemon_logging
 from daemon.auth import OperatorAuth
 from daemon.config import Config
 from daemon.events import EventSink
@@ -61,14 +63,44 @@ def create_app(config: Config) -> web.Application:
         middlewares=[request_context, auth_middleware],
         client_max_size=config.server.max_frame_size,
     )
-    app[SETTINGS] = Settings(config)
-    app[OPERATORS] = OperatorAuth(config.operators)
+    settings = Settings(config)
+    app[SETTINGS] = settings
+    app[OPERATORS] = OperatorAuth(settings)
     app[METRICS] = Metrics()
     setup_routes(app)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_clients)
     app.cleanup_ctx.append(_services)
     return app
+
+
+def apply_config(app: web.Application, new: Config) -> list[str]:
+    """Make a reloaded config live; return the keys whose change needs a restart.
+
+    Operators, topic routes, heartbeat timing, limits, the events hook, metrics access and the
+    log level apply at once (every component reads the live config). The listener, the data
+    folder and the server's connection settings stay as they were until the next start.
+    """
+    old = app[SETTINGS].config
+    fixed = [
+        f"{section}.{key}"
+        for section, key in (
+            ("server", "listen"),
+            ("server", "keepalive_timeout"),
+            ("server", "shutdown_grace"),
+            ("storage", "data_dir"),
+        )
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+    ]
+    server = msgspec.structs.replace(
+        new.server,
+        listen=old.server.listen,
+        keepalive_timeout=old.server.keepalive_timeout,
+        shutdown_grace=old.server.shutdown_grace,
+    )
+    app[SETTINGS].config = msgspec.structs.replace(new, server=server, storage=old.storage)
+    daemon_logging.configure(new.log.level, new.log.format)
+    return fixed
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from daemon.config import OperatorConfig
 from daemon.remotes import creator_id_for
+from daemon.settings import Settings
 
 MANAGE_SECURE_CONNECTIONS = "manage_secure_connections"
 MANAGE_SHARED_CHANNELS = "manage_shared_channels"
@@ -89,13 +90,25 @@ def bearer_matches(authorization: str, digest_hex: str) -> bool:
 
 
 class OperatorAuth:
-    """Matches bearer tokens against the configured operators' digests."""
+    """Matches bearer tokens against the configured operators' digests.
 
-    def __init__(self, operators: tuple[OperatorConfig, ...]) -> None:
-        self._entries = [
-            (bytes.fromhex(op.token_sha256), Operator(op.name, frozenset(op.permissions)))
-            for op in operators
-        ]
+    It follows the live configuration: after a reload, the new ``[[operators]]`` apply.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._source: tuple[OperatorConfig, ...] | None = None
+        self._entries: list[tuple[bytes, Operator]] = []
+
+    def _current(self) -> list[tuple[bytes, Operator]]:
+        operators = self._settings.config.operators
+        if operators is not self._source:
+            self._entries = [
+                (bytes.fromhex(op.token_sha256), Operator(op.name, frozenset(op.permissions)))
+                for op in operators
+            ]
+            self._source = operators
+        return self._entries
 
     def authenticate(self, authorization: str) -> Operator | None:
         """Return the operator whose token is presented, comparing every digest."""
@@ -103,7 +116,7 @@ class OperatorAuth:
         if digest is None:
             return None
         found = None
-        for stored, operator in self._entries:
+        for stored, operator in self._current():
             if hmac.compare_digest(digest, stored):
                 found = operator
         return found

@@ -29,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     daemon_logging.configure(config.log.level, config.log.format)
     from daemon.runtime import serve  # noqa: PLC0415 - keeps `token` and `check-config` light
 
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, args.config))
 
 
 def _check_config(args: argparse.Namespace) -> int:

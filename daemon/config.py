@@ -135,9 +135,10 @@ class InboxConfig(_Section, frozen=True):
 
 
 class MetricsConfig(_Section, frozen=True):
-    """``[metrics]``: an empty digest leaves ``/metrics`` open."""
+    """``[metrics]``: an empty digest leaves ``/metrics`` open; ``allow_from`` limits addresses."""
 
     token_sha256: str = ""
+    allow_from: tuple[str, ...] = ()
 
 
 class Config(_Section, frozen=True):
@@ -265,6 +266,13 @@ def _validate(cfg: Config, base: Path) -> Config:
         raise ConfigError(f"events.forward_url: {why}")
     if cfg.metrics.token_sha256 and not is_sha256_hex(cfg.metrics.token_sha256):
         raise ConfigError("metrics.token_sha256: must be empty or 64 lowercase hex digits")
+    for i, network in enumerate(cfg.metrics.allow_from):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"metrics.allow_from[{i}]: not an IP address or network: {network!r}"
+            ) from None
     if cfg.outbox.retry_max < cfg.outbox.retry_base:
         raise ConfigError("outbox.retry_max: must not be smaller than outbox.retry_base")
     data_dir = Path(cfg.storage.data_dir)

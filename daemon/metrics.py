@@ -146,6 +146,25 @@ class Metrics:
             "Bytes of files sent to peers in requests that completed",
             registry=self.registry,
         )
+        self.requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests served, by route name and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_http_request_seconds",
+            "Time to answer an HTTP request, by route name",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures",
+            "Refused credentials, by kind (operator, remote, metrics) and reason",
+            ["kind", "reason"],
+            registry=self.registry,
+        )
         self.loop_lag = Histogram(
             f"{PREFIX}_event_loop_lag_seconds",
             "How late a 20 ms timer fires: time the event loop was busy or blocked",

@@ -11,6 +11,9 @@ logged with its traceback and answered 500 without details.
 
 from __future__ import annotations
 
+import ipaddress
+import time
+
 import msgspec
 import structlog
 from aiohttp import web
@@ -21,7 +24,16 @@ from daemon import __version__
 from daemon.auth import MetricsPolicy, OperatorPolicy, RemotePolicy, bearer_matches
 from daemon.errors import AppError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from daemon.ids import new_id
-from daemon.keys import OPERATOR, OPERATORS, POLICIES, REMOTE, REMOTES, REQUEST_ID, SETTINGS
+from daemon.keys import (
+    METRICS,
+    OPERATOR,
+    OPERATORS,
+    POLICIES,
+    REMOTE,
+    REMOTES,
+    REQUEST_ID,
+    SETTINGS,
+)
 from daemon.peers import HEADER_REMOTE_ID, HEADER_REMOTE_TOKEN
 
 log = structlog.get_logger(__name__)
@@ -61,6 +73,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request_id = new_id()
     request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
     try:
         response = await handler(request)
     except AppError as err:
@@ -82,6 +95,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = error_response(AppError(), request_id)
     response.headers["X-Request-ID"] = request_id
     response.headers["X-Version-ID"] = __version__
+    route = request.match_info.route.name or "unmatched"
+    metrics = request.app[METRICS]
+    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
     return response
 
 
@@ -93,6 +110,21 @@ def _unauthorized() -> Unauthorized:
     )
 
 
+def _refused(request: web.Request, kind: str, reason: str, **fields: object) -> None:
+    request.app[METRICS].auth_failures.labels(kind, reason).inc()
+    log.info("auth.refused", kind=kind, reason=reason, **fields)
+
+
+def _address_allowed(address: str | None, networks: tuple[str, ...]) -> bool:
+    if address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Enforce the matched route's policy before its handler runs."""
@@ -100,10 +132,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if isinstance(policy, OperatorPolicy):
         operator = request.app[OPERATORS].authenticate(request.headers.get("Authorization", ""))
         if operator is None:
-            log.info("auth.refused", kind="operator", reason="missing_or_unknown_token")
+            _refused(request, "operator", "missing_or_unknown_token")
             raise Unauthorized()
         if not operator.permissions & policy.permissions:
-            log.info("auth.refused", kind="operator", reason="permission", operator=operator.name)
+            _refused(request, "operator", "permission", operator=operator.name)
             raise Forbidden()
         request[OPERATOR] = operator
     elif isinstance(policy, RemotePolicy):
@@ -119,9 +151,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise _unauthorized()
         request[REMOTE] = remote
     elif isinstance(policy, MetricsPolicy):
-        digest = request.app[SETTINGS].config.metrics.token_sha256
-        if digest and not bearer_matches(request.headers.get("Authorization", ""), digest):
-            log.info("auth.refused", kind="metrics", reason="missing_or_unknown_token")
+        cfg = request.app[SETTINGS].config.metrics
+        if cfg.allow_from and not _address_allowed(request.remote, cfg.allow_from):
+            _refused(request, "metrics", "address", peer=request.remote)
+            raise Forbidden()
+        if cfg.token_sha256 and not bearer_matches(
+            request.headers.get("Authorization", ""), cfg.token_sha256
+        ):
+            _refused(request, "metrics", "missing_or_unknown_token")
             raise Unauthorized()
     return await handler(request)
 

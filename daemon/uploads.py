@@ -35,9 +35,10 @@ import mimetypes
 import os
 import sqlite3
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -67,6 +68,7 @@ RELEASE_TIMEOUT = 10.0
 IDLE_COMMIT = 1.0  # a body that pauses this long has what arrived committed
 JANITOR_PERIOD = 600.0
 NULL = msgspec.Raw(b"null")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,9 @@ class Uploads:
         self._inbound = inbound
         self._writers: dict[str, _Writer] = {}
         self._janitor: asyncio.Task[None] | None = None
+        # Commits and completions that must finish even if their request is cancelled;
+        # stop() waits for them, so the store never closes under one.
+        self._finishing: set[asyncio.Future[Any]] = set()
         inbound.register(UPLOAD_TOPIC, self.open_session)
 
     async def start(self) -> None:
@@ -237,11 +242,19 @@ class Uploads:
         self._janitor = asyncio.create_task(self._expire_forever(), name="uploads.janitor")
 
     async def stop(self) -> None:
-        """Stop the janitor (appends in flight are stopped by the server's shutdown)."""
+        """Stop the janitor; wait for the commits of appends the shutdown cut off."""
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
+        await asyncio.gather(*self._finishing, return_exceptions=True)
+
+    async def _unstoppable(self, work: Awaitable[T]) -> T:
+        """Run ``work`` to its end even if the caller is cancelled (and tracked for stop())."""
+        future = asyncio.ensure_future(work)
+        self._finishing.add(future)
+        future.add_done_callback(self._finishing.discard)
+        return await asyncio.shield(future)
 
     def part_path(self, session: Session) -> Path:
         """Where a session's bytes are written until it completes."""
@@ -356,7 +369,7 @@ class Uploads:
                 return AppendResult(current.committed, current.file_size, current.file_info)
             if current.committed == current.file_size:
                 # Every byte is in: finish a completion that was cut short.
-                info = await asyncio.shield(self._complete(current))
+                info = await self._unstoppable(self._complete(current))
                 return AppendResult(current.committed, current.file_size, info)
             remaining = current.file_size - current.committed
             if content_length is not None and content_length > remaining:
@@ -366,7 +379,7 @@ class Uploads:
                 )
             offset, overflow = await self._write(current, chunks)
             if offset == current.file_size:
-                info = await asyncio.shield(self._complete(current))
+                info = await self._unstoppable(self._complete(current))
                 return AppendResult(offset, current.file_size, info)
             if overflow:
                 raise PayloadTooLarge(
@@ -435,7 +448,7 @@ class Uploads:
                 waiting.cancel()
                 waiting.add_done_callback(_consume)
             # Also on cancellation (client gone, a newer writer, shutdown): keep what arrived.
-            committed = await asyncio.shield(appender.close())
+            committed = await self._unstoppable(appender.close())
         return committed, overflow
 
     async def _lost_bytes(self, session: Session, fd: int) -> Conflict:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import tomli_w
 
@@ -144,3 +145,30 @@ def test_token_command_prints_a_matching_digest() -> None:
 
 def test_usage_error_exits_2() -> None:
     assert _run("frobnicate").returncode == 2
+
+
+def _keys(struct: type, prefix: str = "") -> list[str]:
+    keys = []
+    for field in msgspec.structs.fields(struct):
+        kind = field.type
+        origin = getattr(kind, "__origin__", None)
+        inner = kind.__args__[0] if origin is tuple else kind
+        if isinstance(inner, type) and issubclass(inner, msgspec.Struct):
+            keys += _keys(inner, f"{prefix}{field.name}.")
+        else:
+            keys.append(prefix + field.name)
+    return keys
+
+
+def test_example_config_shows_every_key() -> None:
+    """config.example.toml documents every key the daemon accepts (set or commented out)."""
+    text = (ROOT / "config.example.toml").read_text()
+    sections = {
+        line.strip().lstrip("# ").strip("[]")
+        for line in text.splitlines()
+        if line.lstrip("# ").startswith("[")
+    }
+    for key in _keys(Config):
+        section, _, name = key.rpartition(".")
+        assert section in sections, section
+        assert f"\n{name} = " in text or f"\n# {name} = " in text, key
