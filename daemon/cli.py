@@ -18,6 +18,7 @@ from daemon import __version__
 from daemon import logging as daemon_logging
 from daemon.config import EX_CONFIG, load
 from daemon.errors import ConfigError
+from daemon.opscli import add_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="print a new operator token and its config line")
     token.set_defaults(func=_token)
+
+    add_commands(sub)
     return parser
 
 

@@ -229,6 +229,46 @@ class Outbox:
         doc["response"] = msgspec.Raw(response) if response else None
         return doc
 
+    async def recent(self, remote_id: str, state: str, limit: int) -> list[dict[str, Any]]:
+        """The most recent messages for a remote, optionally of one state."""
+        rows = await self._db.fetchall(
+            "SELECT msg_id, topic, state, attempts, last_error, create_at, update_at FROM outbox "
+            "WHERE remote_id = ? AND (? = '' OR state = ?) ORDER BY seq DESC LIMIT ?",
+            (remote_id, state, state, limit),
+        )
+        docs = [dict(row) for row in rows]
+        for doc in docs:
+            doc["id"] = doc.pop("msg_id")
+            doc.update(
+                {k: v for k, v in self._pending.get(doc["id"], {}).items() if k != "response"}
+            )
+        return docs
+
+    async def retry(self, remote: Remote, msg_id: str) -> dict[str, Any]:
+        """Queue a dead message again, behind what is queued now, with a fresh attempt count."""
+        now = now_ms()
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                "SELECT topic, payload, state FROM outbox WHERE msg_id = ? AND remote_id = ?",
+                (msg_id, remote.remote_id),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFound("Message not found.", error_id="api.remote_cluster.msg_not_found")
+            if row["state"] != "dead" or msg_id in self._pending:
+                raise Conflict("Only dead messages can be retried.")
+            await conn.execute("DELETE FROM outbox WHERE msg_id = ?", (msg_id,))
+            await conn.execute(
+                "INSERT INTO outbox (msg_id, remote_id, topic, payload, create_at, update_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (msg_id, remote.remote_id, row["topic"], row["payload"], now, now),
+            )
+        worker = self._worker(remote.remote_id)
+        worker.queued += 1
+        worker.new_messages.set()
+        log.info("msg.retried", remote_id=remote.remote_id, remote_name=remote.name, msg_id=msg_id)
+        return {"id": msg_id, "state": "queued"}
+
     # --- delivery ------------------------------------------------------------------------
 
     async def _run(self, worker: _Worker) -> None:

@@ -54,7 +54,9 @@ ROUTES: tuple[tuple[str, str, Handler, Policy, str], ...] = (
     ),
     # Extension: messages for peers, through the outbox.
     ("POST", f"{API}/{{remote_id}}/msg", messages.send, MANAGE, "outbox.send"),
+    ("GET", f"{API}/{{remote_id}}/msg", messages.list_messages, MANAGE, "outbox.list"),
     ("GET", f"{API}/{{remote_id}}/msg/{{msg_id}}", messages.status, MANAGE, "outbox.status"),
+    ("POST", f"{API}/{{remote_id}}/msg/{{msg_id}}/retry", messages.retry, MANAGE, "outbox.retry"),
     # Extension: files for peers.
     ("POST", f"{API}/{{remote_id}}/files", files.send_file, MANAGE, "files.send"),
     ("GET", f"{API}/{{remote_id}}/files/{{file_id}}", files.file_status, MANAGE, "files.status"),

@@ -5,6 +5,10 @@
 * ``POST /api/v4/remotecluster/{remote_id}/msg`` (operator): ``{"topic", "payload"}``, durably
   queued before the 202 ``{"id", "state": "queued"}``.
 * ``GET /api/v4/remotecluster/{remote_id}/msg/{msg_id}`` (operator): the message's state.
+* ``GET /api/v4/remotecluster/{remote_id}/msg?state=dead&limit=100`` (operator): recent
+  messages, newest first.
+* ``POST /api/v4/remotecluster/{remote_id}/msg/{msg_id}/retry`` (operator): queue a dead
+  message again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from daemon.errors import BadRequest, NotFound, ServiceUnavailable
-from daemon.handlers.common import json_response, path_id, read_json
+from daemon.handlers.common import int_param, json_response, path_id, read_json
 from daemon.handlers.transport import read_frame
 from daemon.inbound import RESERVED_TOPICS, LocalUnavailable
 from daemon.keys import INBOUND, OUTBOX, REMOTE, REMOTES, SETTINGS
@@ -83,3 +87,23 @@ async def status(request: web.Request) -> web.Response:
     remote_id = path_id(request, "remote_id")
     doc = await request.app[OUTBOX].status(remote_id, path_id(request, "msg_id"))
     return json_response(doc)
+
+
+STATES = frozenset({"", "queued", "delivered", "rejected", "dead"})
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    """``GET /api/v4/remotecluster/{remote_id}/msg``: recent messages, newest first."""
+    remote = _linked(request)
+    state = request.query.get("state", "")
+    if state not in STATES:
+        raise BadRequest("Invalid state parameter.", detail="queued, delivered, rejected or dead")
+    limit = min(int_param(request.query, "limit", 100), 1000)
+    return json_response(await request.app[OUTBOX].recent(remote.remote_id, state, limit))
+
+
+async def retry(request: web.Request) -> web.Response:
+    """``POST /api/v4/remotecluster/{remote_id}/msg/{msg_id}/retry``."""
+    remote = _linked(request)
+    answer = await request.app[OUTBOX].retry(remote, path_id(request, "msg_id"))
+    return json_response(answer, status=202)
