@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import logging
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +15,71 @@ import pytest
 import tomli_w
 from aiohttp.test_utils import TestClient
 
+from daemon import invites
 from daemon import logging as daemon_logging
 from daemon.app import create_app
 from daemon.config import Config, parse
-from tests.helpers import Api, config_dict, free_port
+from daemon.errors import InviteError
+from tests.helpers import INVITES, SECRETS, Api, config_dict, free_port
 
 AppClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class _Collector(logging.Handler):
+    """Keeps every formatted log line of in-process apps, for the secrets check."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+COLLECTOR = _Collector()
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _logging() -> None:
     """In-process apps log through the daemon's own pipeline (redaction included)."""
     daemon_logging.configure("debug", "json")
+    root = logging.getLogger()
+    COLLECTOR.setFormatter(root.handlers[0].formatter)
+    root.addHandler(COLLECTOR)
+
+
+def _tokens_in_databases(root: Path) -> set[str]:
+    """The plaintext tokens daemons keep (the ones they present to peers)."""
+    found: set[str] = set()
+    for path in root.rglob("remoteclusterd.db"):
+        with contextlib.closing(sqlite3.connect(path)) as conn, contextlib.suppress(sqlite3.Error):
+            found.update(
+                row[0] for row in conn.execute("SELECT remote_token FROM remote_clusters") if row[0]
+            )
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_logs(tmp_path: Path) -> Iterator[None]:
+    """After every test: no log line (in-process or a daemon process's) holds a secret.
+
+    The secrets are every token, password and invite the test handled or a daemon stores,
+    and the invite tokens inside the invites the test saw.
+    """
+    start = len(COLLECTOR.lines)
+    invites_before = len(INVITES)
+    yield
+    secrets = set(SECRETS) | _tokens_in_databases(tmp_path)
+    for code, password in INVITES[invites_before:]:
+        with contextlib.suppress(InviteError):
+            secrets.add(invites.decrypt(code, password).token)
+    lines = COLLECTOR.lines[start:]
+    for log_file in tmp_path.rglob("daemon.log"):
+        lines += log_file.read_text(errors="replace").splitlines()
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(secrets) if len(s) >= 8))
+    leaks = [line for line in lines if pattern.search(line)]
+    assert not leaks, f"secret in a log line: {leaks[0][:300]}"
+    del COLLECTOR.lines[start:]
 
 
 def make_config(data_dir: Path, port: int = 8065, **sections: dict[str, Any]) -> Config:

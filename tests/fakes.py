@@ -19,7 +19,7 @@ from aiohttp import web
 from daemon import invites
 from daemon.ids import new_id
 from daemon.models import InvitePayload, now_ms
-from tests.helpers import eventually
+from tests.helpers import SECRETS, eventually
 
 
 @dataclass
@@ -70,6 +70,7 @@ class FakePeer:
         payload = frame["msg"]["payload"]
         self.expected_token = payload["refreshed_token"]
         self.token_for_daemon = payload["token"]
+        SECRETS.update({self.expected_token, self.token_for_daemon})
         self.daemon_url = payload["site_url"]
         return web.json_response({"status": "OK"})
 

@@ -27,6 +27,24 @@ API = "/api/v4/remotecluster"
 DB_FILE = "remoteclusterd.db"
 
 
+# Every token, password and invite a test handles: no log line may contain one.
+SECRETS: set[str] = {OPERATOR_TOKEN, READER_TOKEN}
+INVITES: list[tuple[str, str]] = []  # (invite, password): their tokens are checked too
+
+
+def remember_secrets(*docs: Any) -> None:
+    """Note the passwords and invites in API requests and answers."""
+    found = {}
+    for doc in docs:
+        if isinstance(doc, dict):
+            for key in ("password", "invite"):
+                if isinstance(doc.get(key), str) and doc[key]:
+                    found[key] = doc[key]
+                    SECRETS.add(doc[key])
+    if "invite" in found and "password" in found:
+        INVITES.append((found["invite"], found["password"]))
+
+
 def assert_no_tokens(body: Any) -> None:
     """No API answer carries a token: the keys stay, with empty strings."""
     if isinstance(body, dict):
@@ -118,14 +136,14 @@ class DaemonProcess:
         self.sections = {**self.sections, **sections}
         write_config(self.config_path, config_dict(self.data_dir, self.port, **self.sections))
 
-    async def start(self, *, wait: bool = True) -> None:
+    async def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - the process outlives this call
             [sys.executable, "-m", "daemon", "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         log.close()
         if wait:
@@ -225,6 +243,7 @@ class Api:
                 except ValueError:
                     body = raw
             assert_no_tokens(body)
+            remember_secrets(json, body)
             return resp.status, body
 
     async def create(self, name: str = "peer", **extra: Any) -> dict[str, Any]:
