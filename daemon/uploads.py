@@ -17,8 +17,8 @@ out. An interrupted append keeps what it received, and a body that pauses for a 
 what arrived committed (so ``HEAD`` shows it). A body longer than what remains is refused
 before a byte is written when its Content-Length says so; a chunked body that runs past the
 declared size gets 413, and the chunk that crossed the end is not written. The body is written
-in 4 MiB blocks by a worker thread while the next block is read, committed every
-``uploads.commit_every`` bytes and at the end; memory use does not depend on the file's size.
+by :mod:`daemon.appender` (1 MiB blocks by a worker thread, committed every
+``uploads.commit_every`` bytes and at the end); memory use does not depend on the file's size.
 
 Completion is atomic and idempotent: the full offset is committed, the ``.part`` file is
 fsynced and renamed into ``files/<remote>/<upload id>``, the folder fsynced, the session
@@ -43,10 +43,10 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
+from daemon.appender import Appender, stream_into
 from daemon.errors import (
     BadRequest,
     Conflict,
-    InsufficientStorage,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -63,9 +63,7 @@ from daemon.store import Database
 log = structlog.get_logger(__name__)
 
 UPLOAD_TOPIC = "sharedchannel_upload"
-BLOCK = 4 * 1024 * 1024
 RELEASE_TIMEOUT = 10.0
-IDLE_COMMIT = 1.0  # a body that pauses this long has what arrived committed
 JANITOR_PERIOD = 600.0
 NULL = msgspec.Raw(b"null")
 T = TypeVar("T")
@@ -136,79 +134,6 @@ def display_name(filename: str) -> str:
     while len(name.encode("utf-8")) > 255:
         name = name[:-1]
     return name if name not in ("", ".", "..") else "file"
-
-
-class _Appender:
-    """One append's bytes: buffered in ``block``, written up to ``offset``, committed.
-
-    Blocks of :data:`BLOCK` bytes are written by a worker thread while the next block is
-    read. A failed write (a full disk) stops the append: what reached the disk is unknown, so
-    nothing more is committed, and :meth:`close` raises 507.
-    """
-
-    def __init__(self, uploads: Uploads, session: Session, fd: int) -> None:
-        self._uploads, self._session, self._fd = uploads, session, fd
-        self.offset = self.committed = session.committed
-        self._block = bytearray()
-        self._pending: asyncio.Future[None] | None = None
-        self._failure: OSError | None = None
-
-    @property
-    def received(self) -> int:
-        """Bytes received so far (written or buffered), counted from the file's start."""
-        return self.offset + len(self._block)
-
-    async def add(self, data: bytes) -> None:
-        """Buffer ``data``; write a block once one is full."""
-        self._block += data
-        if len(self._block) >= BLOCK:
-            await self._spill()
-
-    async def _spill(self) -> None:
-        await self._settle()
-        store = self._uploads._store
-        self._pending = asyncio.ensure_future(
-            store.pwrite(self._fd, bytes(self._block), self.offset)
-        )
-        self.offset += len(self._block)
-        self._block.clear()
-
-    async def _settle(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                await pending
-            except OSError as exc:
-                self._failure, self.offset = exc, self.committed
-                raise
-
-    async def commit(self) -> None:
-        """Write what is buffered, fsync, and record the offset."""
-        if self._block:
-            await self._spill()
-        await self._settle()
-        if self.offset > self.committed:
-            self.committed = await self._uploads._commit(
-                self._session, self._fd, self.offset, self.committed
-            )
-
-    async def close(self) -> int:
-        """Commit what arrived and close the file; return the committed offset."""
-        try:
-            if self._failure is None:
-                with contextlib.suppress(OSError):
-                    await self.commit()
-        finally:
-            await self._uploads._store.close(self._fd)
-        if self._failure is not None:
-            log.error("upload.write_failed", upload_id=self._session.upload_id,
-                      error=str(self._failure), committed=self.committed)  # fmt: skip
-            raise InsufficientStorage(
-                "The upload could not be written to disk.",
-                detail=self._failure.strerror or str(self._failure),
-                headers={"Upload-Offset": str(self.committed)},
-            )
-        return self.committed
 
 
 class Uploads:
@@ -414,39 +339,28 @@ class Uploads:
         """
         cfg = self._settings.config.uploads
         fd = await self._store.open_for_write(self.part_path(session))
-        appender = _Appender(self, session, fd)
-        iterator = aiter(chunks)
-        waiting: asyncio.Future[bytes] | None = None
-        overflow, idle = False, 0.0
+
+        async def record(offset: int, previous: int) -> None:
+            await self._db.execute(
+                "UPDATE uploads_in SET committed = ?, update_at = ? WHERE upload_id = ?",
+                (offset, now_ms(), session.upload_id),
+            )
+            self._metrics.upload_bytes.inc(offset - previous)
+
+        appender = Appender(self._store, fd, offset=session.committed, record=record,
+                            name=session.upload_id)  # fmt: skip
         try:
             # Bytes past the committed offset were never acknowledged: drop them.
             if await self._store.cut_back(fd, session.committed) < session.committed:
                 raise await self._lost_bytes(session, fd)
-            while True:
-                waiting = waiting or asyncio.ensure_future(anext(iterator))
-                done, _ = await asyncio.wait({waiting}, timeout=IDLE_COMMIT)
-                if not done:
-                    idle += IDLE_COMMIT
-                    if idle >= cfg.progress_timeout:
-                        log.info("upload.stalled", upload_id=session.upload_id, after_s=idle)
-                        break
-                    await appender.commit()  # a pause: make what arrived durable (and visible)
-                    continue
-                idle, (arrived, waiting) = 0.0, (waiting, None)
-                try:
-                    received = arrived.result()
-                except StopAsyncIteration:
-                    break
-                if len(received) > session.file_size - appender.received:
-                    overflow = True  # past the declared size: this chunk is not written at all
-                    break
-                await appender.add(received)
-                if appender.offset - appender.committed >= cfg.commit_every:
-                    await appender.commit()
+            overflow = await stream_into(
+                appender,
+                chunks,
+                limit=session.file_size,
+                commit_every=cfg.commit_every,
+                progress_timeout=cfg.progress_timeout,
+            )
         finally:
-            if waiting is not None:
-                waiting.cancel()
-                waiting.add_done_callback(_consume)
             # Also on cancellation (client gone, a newer writer, shutdown): keep what arrived.
             committed = await self._unstoppable(appender.close())
         return committed, overflow
@@ -459,16 +373,6 @@ class Uploads:
         )
         log.error("upload.rolled_back", upload_id=session.upload_id, to=size, was=session.committed)
         return _offset_conflict(size)
-
-    async def _commit(self, session: Session, fd: int, offset: int, previous: int) -> int:
-        """fsync, then record ``offset``: the committed offset never runs ahead of the disk."""
-        await self._store.fsync(fd)
-        await self._db.execute(
-            "UPDATE uploads_in SET committed = ?, update_at = ? WHERE upload_id = ?",
-            (offset, now_ms(), session.upload_id),
-        )
-        self._metrics.upload_bytes.inc(offset - previous)
-        return offset
 
     async def _complete(self, session: Session) -> bytes:
         """Move the file into place, record the FileInfo, announce it (idempotent)."""
@@ -596,9 +500,3 @@ def _offset_conflict(committed: int) -> Conflict:
         error_id="api.upload.upload_data.offset_mismatch",
         headers={"Upload-Offset": str(committed)},
     )
-
-
-def _consume(future: asyncio.Future[bytes]) -> None:
-    """Retrieve a cancelled read's outcome so that it is not reported as never retrieved."""
-    if not future.cancelled():
-        future.exception()
