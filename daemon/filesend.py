@@ -48,6 +48,7 @@ from daemon.peers import MSG_PATH, PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database
+from daemon.tasks import background
 from daemon.uploads import UPLOAD_TOPIC, display_name
 
 log = structlog.get_logger(__name__)
@@ -136,7 +137,7 @@ class FileSender:
         if worker is None:
             worker = self._workers[remote_id] = _Worker(remote_id)
         if worker.task is None or worker.task.done():
-            worker.task = asyncio.create_task(self._run(worker), name=f"files:{remote_id}")
+            worker.task = background(self._run(worker), name=f"files:{remote_id}")
         return worker
 
     # --- the local application's side ---------------------------------------------------

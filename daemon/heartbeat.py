@@ -43,6 +43,7 @@ from daemon.models import Ping, Remote, now_ms
 from daemon.peers import PING_PATH, PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
+from daemon.tasks import background
 
 log = structlog.get_logger(__name__)
 
@@ -147,9 +148,7 @@ class Heartbeat:
     def _start_loop(self, peer: _Peer, first_delay: float) -> None:
         if peer.task is not None and not peer.task.done():
             return
-        peer.task = asyncio.create_task(
-            self._run(peer, first_delay), name=f"heartbeat:{peer.remote_id}"
-        )
+        peer.task = background(self._run(peer, first_delay), name=f"heartbeat:{peer.remote_id}")
 
     # --- the loop --------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from daemon.peers import MSG_PATH, PeerClient, PeerReply
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
+from daemon.tasks import background
 
 log = structlog.get_logger(__name__)
 
@@ -153,7 +154,9 @@ class Outbox:
         if change is Change.DELETED and (worker := self._workers.pop(remote.remote_id, None)):
             if worker.task is not None:
                 worker.task.cancel()
-            task = asyncio.create_task(self._bury_all(remote.remote_id, "the remote was deleted"))
+            task = background(
+                self._bury_all(remote.remote_id, "the remote was deleted"), name="outbox.bury"
+            )
             self._background.add(task)  # a reference until it finishes; awaited at stop
             task.add_done_callback(self._background.discard)
 
@@ -170,7 +173,7 @@ class Outbox:
         if worker is None:
             worker = self._workers[remote_id] = _Worker(remote_id)
         if worker.task is None or worker.task.done():
-            worker.task = asyncio.create_task(self._run(worker), name=f"outbox:{remote_id}")
+            worker.task = background(self._run(worker), name=f"outbox:{remote_id}")
         return worker
 
     # --- the local application's side ----------------------------------------------------

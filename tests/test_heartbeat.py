@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import time
 from pathlib import Path
@@ -79,6 +80,11 @@ async def test_liveness_transitions_are_announced_once(tmp_path: Path) -> None:
             await asyncio.gather(_advances(api_a, rid), _advances(api_b, rid))
             (online,) = await hooks.wait_events("remote.online", 1)
             assert online["remote_id"] == rid and online["remote_name"] == "peer-b"
+            # The ping loop started during the confirm request, but is not labelled with it.
+            lines = [
+                json.loads(line) for line in a.logs().splitlines() if '"remote.online"' in line
+            ]
+            assert lines and all("request_id" not in line for line in lines)
             assert [r["remote_id"] for r in await api_a.remotes(exclude_offline="true")] == [rid]
 
             # B stops: A says offline within offline_after + one interval, once.
