@@ -74,6 +74,27 @@ def token_matches(token: str, digest_hex: str) -> bool:
     return hmac.compare_digest(presented, stored.ljust(32, b"\0")[:32]) and len(stored) == 32
 
 
+class RequestIds:
+    """Cheap unique request ids of the usual 26-character form: a random prefix and a counter.
+
+    They label log lines, so they must be unique, not unguessable; ``os.urandom`` per request
+    would cost more than it gives.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = new_id()[:16]
+        self._counter = 0
+
+    def next(self) -> str:
+        """The next id (the counter in 10 base-32 digits: 2^50 ids before it wraps)."""
+        self._counter += 1
+        n, digits = self._counter, []
+        for _ in range(10):
+            digits.append(_MM_ALPHABET[n & 31])
+            n >>= 5
+        return self._prefix + "".join(reversed(digits))
+
+
 def new_password() -> str:
     """Return a random invite password as Mattermost generates one (16 characters)."""
     return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(GENERATED_PASSWORD_LENGTH))

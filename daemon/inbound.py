@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -166,10 +167,10 @@ class Inbound:
                 route.forward_url,
                 data=body,
                 headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=route.timeout),
+                timeout=_timeout(route.timeout),
                 allow_redirects=False,
             ) as resp:
-                answer = await read_capped(resp.content, limit)
+                answer = await read_capped(resp, limit)
                 status = resp.status
         except TimeoutError:
             raise LocalUnavailable(f"{route.name}: no answer within {route.timeout:g}s") from None
@@ -196,6 +197,11 @@ class Inbound:
                 continue
             if removed:
                 log.info("inbox.pruned", removed=removed)
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 def _json_or_null(body: bytes, route: TopicConfig) -> msgspec.Raw:

@@ -59,36 +59,41 @@ class _PriorityFormatter(structlog.stdlib.ProcessorFormatter):
 
 
 def configure(level: str = "info", fmt: str = "console") -> None:
-    """Set up structlog and the stdlib root logger (idempotent; called again on reload)."""
+    """Set up structlog and the stdlib root logger (called again on reload).
+
+    The structlog chain is the same for both formats (so loggers can be cached); the format
+    lives in the handler's formatter, which a reload replaces.
+    """
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Processor
+    final: list[Processor]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
         # Tracebacks without local variables: a frame's locals can hold a token.
         tracebacks = structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         )
-        final: list[Processor] = [tracebacks, renderer]
+        final = [tracebacks, structlog.processors.JSONRenderer()]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        final = [renderer]
+        final = [
+            structlog.dev.ConsoleRenderer(
+                colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
             *shared,
             structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info if fmt != "json" else _identity,
             redact,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     formatter_class = (
         _PriorityFormatter
@@ -110,12 +115,3 @@ def configure(level: str = "info", fmt: str = "console") -> None:
     # aiosqlite's debug lines carry SQL parameters (tokens among them): never below warning.
     for name in ("aiohttp.access", "aiosqlite"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def set_level(level: str) -> None:
-    """Change the log level of a configured process."""
-    logging.getLogger().setLevel(level.upper())
-
-
-def _identity(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    return event_dict

@@ -12,6 +12,7 @@ logged with its traceback and answered 500 without details.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 
 import msgspec
@@ -23,7 +24,7 @@ from aiohttp.typedefs import Handler
 from daemon import __version__
 from daemon.auth import MetricsPolicy, OperatorPolicy, RemotePolicy, bearer_matches
 from daemon.errors import AppError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
-from daemon.ids import new_id
+from daemon.ids import RequestIds
 from daemon.keys import (
     METRICS,
     OPERATOR,
@@ -39,6 +40,7 @@ from daemon.peers import HEADER_REMOTE_ID, HEADER_REMOTE_TOKEN
 log = structlog.get_logger(__name__)
 
 _QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+_REQUEST_IDS = RequestIds()
 
 
 def error_response(err: AppError, request_id: str) -> web.Response:
@@ -70,7 +72,7 @@ def _from_http_exception(exc: web.HTTPException) -> AppError:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id to the logs, and turn every error into a JSON error body."""
-    request_id = new_id()
+    request_id = _REQUEST_IDS.next()
     request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
@@ -168,8 +170,10 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Emit the request's canonical log line."""
-        route = request.match_info.route.name if isinstance(request, web.Request) else None
         level = 10 if request.path in _QUIET_PATHS else 20
+        if not logging.getLogger(__name__).isEnabledFor(level):
+            return
+        route = request.match_info.route.name if isinstance(request, web.Request) else None
         log.log(
             level,
             "http.request",

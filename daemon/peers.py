@@ -125,7 +125,7 @@ class PeerClient:
                 timeout=timeout,
                 allow_redirects=False,
             ) as resp:
-                data = await read_capped(resp.content, self._max_body)
+                data = await read_capped(resp, self._max_body)
                 return PeerReply(resp.status, resp.headers, data)
         except TimeoutError:
             limit = timeout.total or timeout.sock_read or 0
@@ -136,11 +136,15 @@ class PeerClient:
             raise PeerError("transport_error", _describe(exc)) from None
 
 
-async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    """Read a whole body, or raise :class:`PeerError` once it passes ``limit`` bytes."""
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read a whole answer, or raise :class:`PeerError` once it passes ``limit`` bytes."""
+    if resp.content_length is not None:
+        if resp.content_length > limit:
+            raise PeerError("bad_response", f"answer larger than {limit} bytes")
+        return await resp.read()
     chunks: list[bytes] = []
     size = 0
-    async for chunk in stream.iter_chunked(64 * 1024):
+    async for chunk in resp.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > limit:
             raise PeerError("bad_response", f"answer larger than {limit} bytes")
