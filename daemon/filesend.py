@@ -37,14 +37,14 @@ import aiohttp
 import msgspec
 import structlog
 
+from daemon.delivery import Retry, backoff_delay, frame_bytes, is_retryable, send_frame
 from daemon.errors import BadRequest, Conflict, PayloadTooLarge, PeerError
 from daemon.events import EventSink
 from daemon.filestore import OUTGOING, FileStore
 from daemon.ids import is_valid_id, new_id
 from daemon.metrics import Metrics
-from daemon.models import Frame, Msg, PeerResponse, Remote, UploadSession, now_ms
-from daemon.outbox import RETRYABLE_4XX, backoff_delay
-from daemon.peers import MSG_PATH, PeerClient
+from daemon.models import Remote, UploadSession, now_ms
+from daemon.peers import PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database
@@ -56,10 +56,6 @@ log = structlog.get_logger(__name__)
 UPLOAD_PATH = "api/v4/remotecluster/upload/"
 READ_BLOCK = 1024 * 1024
 NO_CHANNEL = "nochannelnochannelnochanne"  # a valid id for files sent without a channel
-
-
-class _Retry(Exception):
-    """A transient failure: try again after the backoff."""
 
 
 class _Final(Exception):
@@ -290,7 +286,7 @@ class FileSender:
                 await self._update(row, session_id=new_id(), session_created=0, sent=0)
                 await self._retry(remote, row, str(exc))
                 continue
-            except (_Retry, PeerError) as exc:
+            except (Retry, PeerError) as exc:
                 await self._retry(remote, row, str(exc))
                 continue
             row["file_info"] = info
@@ -317,28 +313,13 @@ class FileSender:
             channel_id=row["channel_id"], filename=row["filename"], file_size=row["size"],
             file_offset=0, remote_id=remote.remote_id, req_file_id=row["file_id"],
         )  # fmt: skip
-        frame = Frame(
-            remote_id=remote.remote_id,
-            msg=Msg(id=new_id(), topic=UPLOAD_TOPIC, create_at=now_ms(),
-                    payload=msgspec.Raw(msgspec.json.encode(session))),
-        )  # fmt: skip
-        reply = await self._peers.post(
-            remote.site_url,
-            MSG_PATH,
-            remote_id=remote.remote_id,
-            token=remote.remote_token,
-            body=msgspec.json.encode(frame),
-            timeout=self._settings.config.outbox.send_timeout,
+        frame = frame_bytes(
+            remote.remote_id, new_id(), UPLOAD_TOPIC, now_ms(), msgspec.json.encode(session)
         )
-        if reply.status != 200:
-            if reply.status >= 500 or reply.status in RETRYABLE_4XX:
-                raise _Retry(f"opening the session: HTTP {reply.status}")
-            raise _Final(f"the peer refused the session: HTTP {reply.status}")
-        try:
-            answer = msgspec.json.decode(reply.body, type=PeerResponse)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise _Retry("opening the session: the answer is not a Response") from None
-        if answer.status != "OK":
+        state, answer = await send_frame(
+            self._peers, remote, frame, timeout=self._settings.config.outbox.send_timeout
+        )
+        if state != "delivered":
             raise _Final(answer.err or "the peer refused the upload session")
 
     async def _peer_offset(self, remote: Remote, row: dict[str, Any]) -> int | None:
@@ -353,8 +334,8 @@ class FileSender:
         )
         if reply.status == 200 and reply.headers.get("Upload-Offset", "").isdigit():
             return int(reply.headers["Upload-Offset"])
-        if reply.status >= 500 or reply.status in RETRYABLE_4XX:
-            raise _Retry(f"asking the offset: HTTP {reply.status}")
+        if is_retryable(reply.status):
+            raise Retry(f"asking the offset: HTTP {reply.status}")
         return None  # 404 (session gone) or 405 (a peer without resume): start over
 
     async def _send_bytes(self, remote: Remote, row: dict[str, Any], offset: int) -> bytes:
@@ -383,7 +364,7 @@ class FileSender:
                 await asyncio.wait({request}, timeout=min(timeout, 1.0))
                 if time.monotonic() - progress.at > timeout and not request.done():
                     request.cancel()
-                    raise _Retry(f"no progress for {timeout:g}s after {progress.sent} bytes")
+                    raise Retry(f"no progress for {timeout:g}s after {progress.sent} bytes")
         finally:
             if not request.done():
                 request.cancel()
@@ -393,13 +374,13 @@ class FileSender:
             return reply.body
         if reply.status == 409 and reply.headers.get("Upload-Offset", "").isdigit():
             await self._update(row, sent=int(reply.headers["Upload-Offset"]))
-            raise _Retry("the peer holds a different offset")
+            raise Retry("the peer holds a different offset")
         if reply.status == 204:
-            raise _Retry("the peer wants more bytes")
+            raise Retry("the peer wants more bytes")
         if reply.status == 404:
             raise _Restart("the peer no longer knows the upload session")
-        if reply.status >= 500 or reply.status in RETRYABLE_4XX:
-            raise _Retry(f"sending the bytes: HTTP {reply.status}")
+        if is_retryable(reply.status):
+            raise Retry(f"sending the bytes: HTTP {reply.status}")
         raise _Final(f"the peer refused the bytes: HTTP {reply.status}")
 
     async def _read_from(

@@ -4,13 +4,12 @@
 application gets its 202. One worker per remote then delivers that remote's messages in the
 order they were queued, one at a time, to the peer's ``/msg`` as Mattermost frames:
 
-* The peer's answer is final: ``{"status":"OK"}`` → ``delivered``; ``FAIL`` → ``rejected``
-  (its ``err`` kept as ``last_error``); any other 4xx but 401, 403, 408, 425 and 429 →
-  ``rejected`` too (the frame itself is refused, sending it again cannot help).
-* A transport error, a timeout, a 5xx (503 included), 401, 403, 408, 425 or 429 is retried
-  after a capped exponential backoff with full jitter (``outbox.retry_base`` doubling up to
-  ``outbox.retry_max``; a ``Retry-After`` is honoured up to the cap). Attempts, the next
-  attempt time and the last error are kept in the row, so the schedule survives restarts.
+* The peer's answer is final (:mod:`daemon.delivery` says which answers are): ``OK`` →
+  ``delivered``; ``FAIL`` → ``rejected`` (its ``err`` kept as ``last_error``).
+* A transient failure is retried after a capped exponential backoff with full jitter
+  (``outbox.retry_base`` doubling up to ``outbox.retry_max``; a ``Retry-After`` is honoured up
+  to the cap). Attempts, the next attempt time and the last error are kept in the row, so the
+  schedule survives restarts.
 * After ``outbox.max_attempts`` attempts (0: no limit) or ``outbox.max_age`` seconds the
   message is ``dead``: an event ``msg.dead`` goes out and the next message goes on.
 * When the heartbeat sees the peer come back online, its worker retries at once instead of
@@ -36,12 +35,13 @@ from typing import Any
 import msgspec
 import structlog
 
-from daemon.errors import Conflict, NotFound, PayloadTooLarge, PeerError, TooManyRequests
+from daemon.delivery import Retry, backoff_delay, frame_bytes, send_frame
+from daemon.errors import Conflict, NotFound, PayloadTooLarge, TooManyRequests
 from daemon.events import EventSink
 from daemon.ids import new_id
 from daemon.metrics import Metrics
-from daemon.models import Frame, Msg, PeerResponse, Remote, now_ms
-from daemon.peers import MSG_PATH, PeerClient, PeerReply
+from daemon.models import PeerResponse, Remote, now_ms
+from daemon.peers import PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
@@ -50,21 +50,7 @@ from daemon.tasks import background
 log = structlog.get_logger(__name__)
 
 PAGE = 256
-RETRYABLE_4XX = frozenset({401, 403, 408, 425, 429})
 JANITOR_PERIOD = 3600.0
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform(0, min(cap, base·2^(attempt-1)))."""
-    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 60))
-    return rng.uniform(0.0, ceiling)
-
-
-class _Retry(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
 
 
 @dataclass(slots=True)
@@ -318,19 +304,15 @@ class Outbox:
                     worker.online.clear()
                     message.next_attempt_at = 0
                 continue
-            frame = frame or _frame(remote.remote_id, message)
+            frame = frame or frame_bytes(
+                remote.remote_id, message.msg_id, message.topic, message.create_at, message.payload
+            )
             message.attempts += 1
             try:
-                reply = await self._peers.post(
-                    remote.site_url,
-                    MSG_PATH,
-                    remote_id=remote.remote_id,
-                    token=remote.remote_token,
-                    body=frame,
-                    timeout=cfg.send_timeout,
+                state, response = await send_frame(
+                    self._peers, remote, frame, timeout=cfg.send_timeout
                 )
-                state, response = _classify(reply)
-            except (PeerError, _Retry) as exc:
+            except Retry as exc:
                 self._retry(remote, message, exc)
                 continue
             self._finish(worker, message, state, response)
@@ -340,11 +322,11 @@ class Outbox:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(worker.online.wait(), timeout=max(seconds, 0.0))
 
-    def _retry(self, remote: Remote, message: _Message, exc: PeerError | _Retry) -> None:
+    def _retry(self, remote: Remote, message: _Message, exc: Retry) -> None:
         cfg = self._settings.config.outbox
-        reason = exc.reason if isinstance(exc, _Retry) else str(exc)
+        reason = exc.reason
         delay = backoff_delay(message.attempts, cfg.retry_base, cfg.retry_max, self._rng)
-        if isinstance(exc, _Retry) and exc.retry_after is not None:
+        if exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, cfg.retry_max))
         message.next_attempt_at = now_ms() + int(delay * 1000)
         message.last_error = reason
@@ -447,42 +429,3 @@ class Outbox:
                 continue
             if removed:
                 log.info("outbox.pruned", removed=removed)
-
-
-def _frame(remote_id: str, message: _Message) -> bytes:
-    return msgspec.json.encode(
-        Frame(
-            remote_id=remote_id,
-            msg=Msg(
-                id=message.msg_id,
-                topic=message.topic,
-                create_at=message.create_at,
-                payload=msgspec.Raw(message.payload),
-            ),
-        )
-    )
-
-
-def _classify(reply: PeerReply) -> tuple[str, PeerResponse]:
-    """Map a peer's answer to a final state, or raise :class:`_Retry`."""
-    if reply.status == 200:
-        try:
-            answer = msgspec.json.decode(reply.body, type=PeerResponse)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise _Retry("bad_response: the answer is not a Response") from None
-        if answer.status == "OK":
-            return "delivered", answer
-        return "rejected", PeerResponse(
-            status=answer.status,
-            err=answer.err or f"status {answer.status!r}",
-            payload=answer.payload,
-        )
-    if reply.status >= 500 or reply.status in RETRYABLE_4XX:
-        retry_after = reply.headers.get("Retry-After", "")
-        raise _Retry(
-            f"http_{reply.status}",
-            float(retry_after) if retry_after.isdigit() else None,
-        )
-    return "rejected", PeerResponse(
-        status="FAIL", err=f"the peer refused the frame: HTTP {reply.status}"
-    )

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from daemon.delivery import backoff_delay
 from daemon.ids import hash_token, new_id
-from daemon.outbox import backoff_delay
 from tests.conftest import AppClient
 from tests.fakes import Answer, FakePeer, ScriptedApp, fake_peers, scripted_app
 from tests.helpers import API, Api, eventually, transport_call
