@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import msgspec
 import structlog
 
-from daemon.delivery import Retry, backoff_delay, frame_bytes, is_retryable, send_frame
+from daemon import transfer
+from daemon.delivery import Retry, backoff_delay
 from daemon.errors import BadRequest, Conflict, PayloadTooLarge, PeerError
 from daemon.events import EventSink
 from daemon.filestore import OUTGOING, FileStore
@@ -49,21 +47,12 @@ from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database
 from daemon.tasks import background
-from daemon.uploads import UPLOAD_TOPIC, display_name
+from daemon.uploads import display_name
 
 log = structlog.get_logger(__name__)
 
-UPLOAD_PATH = "api/v4/remotecluster/upload/"
 READ_BLOCK = 1024 * 1024
 NO_CHANNEL = "nochannelnochannelnochanne"  # a valid id for files sent without a channel
-
-
-class _Final(Exception):
-    """The peer refused the file for good."""
-
-
-class _Restart(Exception):
-    """The peer's session is gone or cannot resume: open a fresh one."""
 
 
 @dataclass(slots=True)
@@ -277,11 +266,11 @@ class FileSender:
             await self._update(row, state="sending", attempts=row["attempts"])
             try:
                 info = await self._attempt(remote, row)
-            except _Final as exc:
+            except transfer.Refused as exc:
                 row["last_error"] = str(exc)
                 await self._finish(remote, row, "rejected")
                 return
-            except _Restart as exc:
+            except transfer.StartOver as exc:
                 # A fresh session on the peer, and the whole file again, after the backoff.
                 await self._update(row, session_id=new_id(), session_created=0, sent=0)
                 await self._retry(remote, row, str(exc))
@@ -295,107 +284,36 @@ class FileSender:
 
     async def _attempt(self, remote: Remote, row: dict[str, Any]) -> bytes:
         """One try: open the session if needed, learn the offset, send the rest."""
+        cfg = self._settings.config
         offset = 0
         if not row["session_created"]:
-            await self._open_session(remote, row)
+            session = UploadSession(
+                id=row["session_id"], type="attachment", create_at=now_ms(),
+                user_id=row["user_id"], channel_id=row["channel_id"], filename=row["filename"],
+                file_size=row["size"], file_offset=0, remote_id=remote.remote_id,
+                req_file_id=row["file_id"],
+            )  # fmt: skip
+            await transfer.open_session(self._peers, remote, session, cfg.outbox.send_timeout)
             await self._update(row, session_created=1, sent=0)
         elif row["sent"] or row["attempts"] > 1:
-            known = await self._peer_offset(remote, row)
+            known = await transfer.peer_offset(
+                self._peers, remote, row["session_id"], cfg.heartbeat.timeout
+            )
             if known is None:
-                raise _Restart("the peer cannot tell how much it has (no resume)")
+                raise transfer.StartOver("the peer cannot tell how much it has (no resume)")
             offset = known
             await self._update(row, sent=offset)
-        return await self._send_bytes(remote, row, offset)
-
-    async def _open_session(self, remote: Remote, row: dict[str, Any]) -> None:
-        session = UploadSession(
-            id=row["session_id"], type="attachment", create_at=now_ms(), user_id=row["user_id"],
-            channel_id=row["channel_id"], filename=row["filename"], file_size=row["size"],
-            file_offset=0, remote_id=remote.remote_id, req_file_id=row["file_id"],
-        )  # fmt: skip
-        frame = frame_bytes(
-            remote.remote_id, new_id(), UPLOAD_TOPIC, now_ms(), msgspec.json.encode(session)
-        )
-        state, answer = await send_frame(
-            self._peers, remote, frame, timeout=self._settings.config.outbox.send_timeout
-        )
-        if state != "delivered":
-            raise _Final(answer.err or "the peer refused the upload session")
-
-    async def _peer_offset(self, remote: Remote, row: dict[str, Any]) -> int | None:
-        """The peer's committed offset, or None when it cannot tell (no HEAD support)."""
-        reply = await self._peers.request(
-            "HEAD",
-            remote.site_url,
-            UPLOAD_PATH + row["session_id"],
-            remote_id=remote.remote_id,
-            token=remote.remote_token,
-            timeout=aiohttp.ClientTimeout(total=self._settings.config.heartbeat.timeout),
-        )
-        if reply.status == 200 and reply.headers.get("Upload-Offset", "").isdigit():
-            return int(reply.headers["Upload-Offset"])
-        if is_retryable(reply.status):
-            raise Retry(f"asking the offset: HTTP {reply.status}")
-        return None  # 404 (session gone) or 405 (a peer without resume): start over
-
-    async def _send_bytes(self, remote: Remote, row: dict[str, Any], offset: int) -> bytes:
-        """Stream ``file[offset:]``; return the FileInfo of the completed upload."""
-        progress = _Progress()
-        timeout = self._settings.config.uploads.progress_timeout
-        body = self._read_from(row["upload_id"], offset, progress)
-        request = asyncio.ensure_future(
-            self._peers.request(
-                "POST",
-                remote.site_url,
-                UPLOAD_PATH + row["session_id"],
-                remote_id=remote.remote_id,
-                token=remote.remote_token,
-                body=body,
-                headers={
-                    "Upload-Offset": str(offset),
-                    "Content-Length": str(row["size"] - offset),
-                    "Content-Type": "application/octet-stream",
-                },
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout),
-            )
-        )
         try:
-            while not request.done():
-                await asyncio.wait({request}, timeout=min(timeout, 1.0))
-                if time.monotonic() - progress.at > timeout and not request.done():
-                    request.cancel()
-                    raise Retry(f"no progress for {timeout:g}s after {progress.sent} bytes")
-        finally:
-            if not request.done():
-                request.cancel()
-        reply = request.result()
-        if reply.status == 200:
-            self._metrics.files_sent_bytes.inc(row["size"] - offset)
-            return reply.body
-        if reply.status == 409 and reply.headers.get("Upload-Offset", "").isdigit():
-            await self._update(row, sent=int(reply.headers["Upload-Offset"]))
-            raise Retry("the peer holds a different offset")
-        if reply.status == 204:
-            raise Retry("the peer wants more bytes")
-        if reply.status == 404:
-            raise _Restart("the peer no longer knows the upload session")
-        if is_retryable(reply.status):
-            raise Retry(f"sending the bytes: HTTP {reply.status}")
-        raise _Final(f"the peer refused the bytes: HTTP {reply.status}")
-
-    async def _read_from(
-        self, upload_id: str, offset: int, progress: _Progress
-    ) -> AsyncIterator[bytes]:
-        path = self._store.path(OUTGOING, upload_id)
-        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            position = offset
-            while block := await asyncio.to_thread(os.pread, fd, READ_BLOCK, position):
-                position += len(block)
-                progress.mark(len(block))
-                yield block
-        finally:
-            await asyncio.to_thread(os.close, fd)
+            info = await transfer.send_bytes(
+                self._peers, remote, row["session_id"],
+                self._store.path(OUTGOING, row["upload_id"]), offset=offset, size=row["size"],
+                progress_timeout=cfg.uploads.progress_timeout,
+            )  # fmt: skip
+        except transfer.OffsetMismatch as exc:
+            await self._update(row, sent=exc.offset)
+            raise
+        self._metrics.files_sent_bytes.inc(row["size"] - offset)
+        return info
 
     async def _retry(self, remote: Remote, row: dict[str, Any], reason: str) -> None:
         cfg = self._settings.config.outbox
@@ -442,16 +360,3 @@ class FileSender:
             f"UPDATE uploads_out SET {assignments} WHERE upload_id = ?",  # noqa: S608
             [*fields.values(), row["upload_id"]],
         )
-
-
-class _Progress:
-    """How many bytes a transfer handed to the connection, and when it last moved."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.at = time.monotonic()
-
-    def mark(self, size: int) -> None:
-        """The connection took another block."""
-        self.sent += size
-        self.at = time.monotonic()

@@ -39,7 +39,7 @@ from daemon.errors import PeerError
 from daemon.events import EventSink
 from daemon.ids import new_id
 from daemon.metrics import Metrics, RemoteGauges
-from daemon.models import Ping, Remote, now_ms
+from daemon.models import PING_TOPIC, Ping, Remote, now_ms
 from daemon.peers import PING_PATH, PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
@@ -65,7 +65,7 @@ class _Peer:
 def _ping_frame(remote_id: str, sent_at: int) -> bytes:
     # Ids are ASCII letters and digits: nothing to escape.
     return (
-        f'{{"remote_id":"{remote_id}","msg":{{"id":"{new_id()}","topic":"ping",'
+        f'{{"remote_id":"{remote_id}","msg":{{"id":"{new_id()}","topic":"{PING_TOPIC}",'
         f'"create_at":{sent_at},"payload":{{"sent_at":{sent_at},"recv_at":0}}}}}}'
     ).encode()
 

@@ -29,14 +29,14 @@ import msgspec
 import structlog
 
 from daemon.config import TopicConfig
-from daemon.models import Msg, PeerResponse, Remote, now_ms
+from daemon.models import INVITATION_TOPIC, PING_TOPIC, Msg, PeerResponse, Remote, now_ms
 from daemon.peers import read_capped
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
 
 log = structlog.get_logger(__name__)
 
-RESERVED_TOPICS = frozenset({"ping", "invitation"})
+RESERVED_TOPICS = frozenset({PING_TOPIC, INVITATION_TOPIC})
 NULL = msgspec.Raw(b"null")
 JANITOR_PERIOD = 3600.0
 

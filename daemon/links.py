@@ -41,6 +41,7 @@ from daemon.errors import (
 )
 from daemon.ids import hash_token, is_valid_id, new_id, new_password, token_matches
 from daemon.models import (
+    INVITATION_TOPIC,
     SITE_URL_PENDING,
     Frame,
     InvitePayload,
@@ -58,8 +59,6 @@ from daemon.remotes import AlreadyExists, Remotes
 from daemon.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-INVITATION_TOPIC = "invitation"
 
 
 class LinkService:

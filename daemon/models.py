@@ -23,6 +23,11 @@ import msgspec
 from daemon.errors import BadRequest
 from daemon.ids import is_valid_id
 
+# Topics with a meaning in the protocol itself.
+PING_TOPIC = "ping"
+INVITATION_TOPIC = "invitation"
+UPLOAD_TOPIC = "sharedchannel_upload"
+
 SITE_URL_PENDING = "pending_"
 SITE_URL_PLUGIN = "plugin_"
 NAME_MAX_LENGTH = 64

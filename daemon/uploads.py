@@ -56,13 +56,20 @@ from daemon.filestore import FILES, INCOMING, FileStore
 from daemon.ids import is_valid_id, new_id
 from daemon.inbound import Inbound
 from daemon.metrics import Metrics
-from daemon.models import Msg, PeerResponse, Remote, UploadSession, file_info_json, now_ms
+from daemon.models import (
+    UPLOAD_TOPIC,
+    Msg,
+    PeerResponse,
+    Remote,
+    UploadSession,
+    file_info_json,
+    now_ms,
+)
 from daemon.settings import Settings
 from daemon.store import Database
 
 log = structlog.get_logger(__name__)
 
-UPLOAD_TOPIC = "sharedchannel_upload"
 RELEASE_TIMEOUT = 10.0
 JANITOR_PERIOD = 600.0
 NULL = msgspec.Raw(b"null")
