@@ -14,104 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
+
+from daemon.opsclient import DEFAULT_URL, Refused, UsageError, client_from, read_secret
 
 API = "/api/v4/remotecluster"
-DEFAULT_URL = "http://127.0.0.1:8065"
-TIMEOUT = 60.0
-
-
-class _Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
-class UsageError(Exception):
-    """The command line cannot be run as given (exit 2)."""
-
-
-class Refused(Exception):
-    """The daemon answered with an error, or could not be reached (exit 1)."""
-
-
-class Client:
-    """A minimal, synchronous client of the management API."""
-
-    def __init__(self, url: str, token: str) -> None:
-        self.url = url.rstrip("/")
-        self._token = token
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: Any = None,
-        data: _Readable | None = None,
-        length: int | None = None,
-        params: dict[str, str] | None = None,
-    ) -> Any:
-        """Send one request; return the parsed JSON answer (None when empty)."""
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        headers = {"Authorization": f"Bearer {self._token}"}
-        payload: Any = None
-        if body is not None:
-            payload = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        elif data is not None:
-            payload = data
-            headers["Content-Type"] = "application/octet-stream"
-            headers["Content-Length"] = str(length)
-        request = urllib.request.Request(  # noqa: S310 - the operator's own daemon URL
-            self.url + path + query, data=payload, method=method, headers=headers
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:  # noqa: S310
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise Refused(_describe_error(exc.code, exc.read())) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise Refused(f"cannot reach the daemon at {self.url}: {reason}") from None
-        return json.loads(raw) if raw else None
-
-
-def _describe_error(status: int, raw: bytes) -> str:
-    try:
-        doc = json.loads(raw)
-        message = f"{doc.get('message', '')} ({doc.get('id', '')})"
-        if doc.get("detailed_error"):
-            message += f": {doc['detailed_error']}"
-    except (ValueError, AttributeError):
-        message = raw.decode(errors="replace")[:200]
-    return f"HTTP {status}: {message}"
-
-
-def _read_secret(path: str, what: str) -> str:
-    try:
-        value = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read the {what} file: {exc.strerror}") from None
-    if not value:
-        raise UsageError(f"the {what} file is empty")
-    return value
-
-
-def _client(args: argparse.Namespace) -> Client:
-    if args.token_file:
-        token = _read_secret(args.token_file, "token")
-    else:
-        token = os.environ.get("REMOTECLUSTERD_TOKEN", "").strip()
-    if not token:
-        raise UsageError("no operator token: set REMOTECLUSTERD_TOKEN or pass --token-file")
-    return Client(args.url or os.environ.get("REMOTECLUSTERD_URL") or DEFAULT_URL, token)
 
 
 def _print_json(value: Any) -> None:
@@ -163,7 +74,7 @@ def _show_remote(rc: dict[str, Any]) -> None:
 def remote_list(args: argparse.Namespace) -> None:
     """List remotes as a table (or JSON)."""
     params = {"per_page": "200", "include_deleted": "true" if args.all else "false"}
-    remotes = _client(args).call("GET", API, params=params)
+    remotes = client_from(args).call("GET", API, params=params)
     if args.json:
         _print_json(remotes)
         return
@@ -187,7 +98,7 @@ def remote_list(args: argparse.Namespace) -> None:
 
 def remote_show(args: argparse.Namespace) -> None:
     """Show one remote."""
-    rc = _client(args).call("GET", f"{API}/{args.id}")
+    rc = client_from(args).call("GET", f"{API}/{args.id}")
     _print_json(rc) if args.json else _show_remote(rc)
 
 
@@ -199,8 +110,8 @@ def remote_create(args: argparse.Namespace) -> None:
         "display_name": args.display_name or "",
     }
     if args.password_file:
-        body["password"] = _read_secret(args.password_file, "password")
-    answer = _client(args).call("POST", API, body=body)
+        body["password"] = read_secret(args.password_file, "password")
+    answer = client_from(args).call("POST", API, body=body)
     if args.json:
         _print_json(answer)
         return
@@ -218,10 +129,10 @@ def remote_accept(args: argparse.Namespace) -> None:
         "name": args.name,
         "display_name": args.display_name or "",
         "default_team_id": args.team,
-        "invite": _read_secret(args.invite_file, "invite"),
-        "password": _read_secret(args.password_file, "password"),
+        "invite": read_secret(args.invite_file, "invite"),
+        "password": read_secret(args.password_file, "password"),
     }
-    rc = _client(args).call("POST", f"{API}/accept_invite", body=body)
+    rc = client_from(args).call("POST", f"{API}/accept_invite", body=body)
     if args.json:
         _print_json(rc)
     else:
@@ -230,8 +141,8 @@ def remote_accept(args: argparse.Namespace) -> None:
 
 def remote_invite(args: argparse.Namespace) -> None:
     """Generate a new invite for a pending remote (earlier invites stop working)."""
-    password = _read_secret(args.password_file, "password")
-    invite = _client(args).call(
+    password = read_secret(args.password_file, "password")
+    invite = client_from(args).call(
         "POST", f"{API}/{args.id}/generate_invite", body={"password": password}
     )
     _print_json(invite) if args.json else print(invite)
@@ -246,13 +157,13 @@ def remote_patch(args: argparse.Namespace) -> None:
         body["default_team_id"] = args.team
     if not body:
         raise UsageError("nothing to change: give --display-name and/or --team")
-    rc = _client(args).call("PATCH", f"{API}/{args.id}", body=body)
+    rc = client_from(args).call("PATCH", f"{API}/{args.id}", body=body)
     _print_json(rc) if args.json else _show_remote(rc)
 
 
 def remote_delete(args: argparse.Namespace) -> None:
     """Delete a remote, after a confirmation unless --yes."""
-    client = _client(args)
+    client = client_from(args)
     if not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("refusing to delete without confirmation: pass --yes")
@@ -273,7 +184,7 @@ def send(args: argparse.Namespace) -> None:
         raise UsageError(f"cannot read the payload file: {exc.strerror}") from None
     except ValueError as exc:
         raise UsageError(f"the payload file is not JSON: {exc}") from None
-    answer = _client(args).call(
+    answer = client_from(args).call(
         "POST", f"{API}/{args.id}/msg", body={"topic": args.topic, "payload": payload}
     )
     _print_json(answer) if args.json else print(f"queued message {answer['id']}")
@@ -312,7 +223,7 @@ def send_file(args: argparse.Namespace) -> None:
         if getattr(args, key):
             params[key] = getattr(args, key)
     with f:
-        answer = _client(args).call(
+        answer = client_from(args).call(
             "POST",
             f"{API}/{args.id}/files",
             data=_Progress(f, size),
@@ -327,7 +238,7 @@ def send_file(args: argparse.Namespace) -> None:
 
 def msg_status(args: argparse.Namespace) -> None:
     """Show a message's state."""
-    doc = _client(args).call("GET", f"{API}/{args.id}/msg/{args.msg_id}")
+    doc = client_from(args).call("GET", f"{API}/{args.id}/msg/{args.msg_id}")
     _print_json(doc) if args.json else print(
         f"{doc['id']}  {doc['state']}  attempts={doc['attempts']}  {doc['last_error']}".rstrip()
     )
@@ -335,7 +246,7 @@ def msg_status(args: argparse.Namespace) -> None:
 
 def file_status(args: argparse.Namespace) -> None:
     """Show a file's transfer state."""
-    doc = _client(args).call("GET", f"{API}/{args.id}/files/{args.file_id}")
+    doc = client_from(args).call("GET", f"{API}/{args.id}/files/{args.file_id}")
     progress = f"{doc['offset']}/{doc['size']} bytes"
     line = f"{doc['file_id']}  {doc['state']}  {progress}  {doc['last_error']}"
     _print_json(doc) if args.json else print(line.rstrip())
@@ -344,7 +255,7 @@ def file_status(args: argparse.Namespace) -> None:
 def outbox(args: argparse.Namespace) -> None:
     """List a remote's recent messages (``--state dead`` for the dead ones)."""
     params = {"state": args.state or "", "limit": str(args.limit)}
-    docs = _client(args).call("GET", f"{API}/{args.id}/msg", params=params)
+    docs = client_from(args).call("GET", f"{API}/{args.id}/msg", params=params)
     if args.json:
         _print_json(docs)
         return
@@ -358,7 +269,7 @@ def outbox(args: argparse.Namespace) -> None:
 
 def retry(args: argparse.Namespace) -> None:
     """Queue a dead message again."""
-    answer = _client(args).call("POST", f"{API}/{args.id}/msg/{args.msg_id}/retry")
+    answer = client_from(args).call("POST", f"{API}/{args.id}/msg/{args.msg_id}/retry")
     _print_json(answer) if args.json else print(f"queued message {answer['id']} again")
 
 
