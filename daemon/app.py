@@ -144,7 +144,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         events.emit(f"remote.{change.value}", remote)
 
     remotes.subscribe(on_change)
-    heartbeat = Heartbeat(app[SETTINGS], remotes, app[PEERS], events, app[METRICS])
+    heartbeat = Heartbeat(app[SETTINGS], remotes, events, app[METRICS])
     app[HEARTBEAT] = heartbeat
     inbound = Inbound(app[SETTINGS], app[DATABASE], app[WRITER], app[LOCAL_HTTP])
     app[INBOUND] = inbound

@@ -1,18 +1,21 @@
 """Heartbeats: one outbound ping loop per confirmed remote, and liveness operators can trust.
 
 Each confirmed remote gets its own task, so a slow or dead peer never delays another's pings
-(Mattermost pings remotes one after another). A loop pings at ``heartbeat.interval`` with a
-random jitter of ±``heartbeat.jitter`` so that many peers do not fire together, keeps to its
-schedule after failures (a heartbeat is not a retry storm), and never has more than one ping
-in flight: a slot that a slow ping overran is skipped. A newly confirmed remote is pinged at
+(Mattermost pings remotes one after another). Pings travel over :mod:`daemon.pingclient`, a
+lean keep-alive client, since a thousand peers mean a thousand requests a second.
+
+A loop pings at ``heartbeat.interval`` with a random jitter of ±``heartbeat.jitter`` so that
+many peers do not fire together, keeps to its schedule after failures (a heartbeat is not a
+retry storm), and never has more than one ping in flight: a slot that a slow ping overran is
+skipped. A newly confirmed remote is pinged at
 once; at start-up the first pings are spread over the first seconds.
 
 Liveness follows Mattermost's rule: a remote is online while its last successful outbound
 ping is younger than ``heartbeat.offline_after`` (only our own pings count). Every change of
 that state is announced once (``remote.online`` / ``remote.offline``, a log line and an
-event), including a peer that dies between two pings (the loop wakes at the exact moment the
-last ping ages out) and changes that happened while the daemon was stopped (the announced
-state is stored and compared at start-up).
+event), including a peer that dies between two pings (a timer fires at the exact moment the
+last ping ages out, even while a ping hangs) and changes that happened while the daemon was
+stopped (the announced state is stored and compared at start-up).
 
 ``last_ping_at`` changes in memory at every ping and is written for all remotes in one
 transaction per ``heartbeat.interval`` (and at once on a transition, and at shutdown), so a
@@ -40,7 +43,7 @@ from daemon.events import EventSink
 from daemon.ids import new_id
 from daemon.metrics import Metrics, RemoteGauges
 from daemon.models import PING_TOPIC, Ping, Remote, now_ms
-from daemon.peers import PING_PATH, PeerClient
+from daemon.pingclient import PingClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.tasks import background
@@ -55,6 +58,7 @@ STARTUP_SPREAD = 5.0  # seconds over which the first pings after start-up are sp
 class _Peer:
     remote_id: str
     task: asyncio.Task[None] | None = None
+    deadline: asyncio.TimerHandle | None = None  # fires when the last ping ages out
     failures: int = 0
     last_error: str = ""
     rtt_ms: float | None = None
@@ -77,7 +81,6 @@ class Heartbeat:
         self,
         settings: Settings,
         remotes: Remotes,
-        peers: PeerClient,
         events: EventSink,
         metrics: Metrics,
         *,
@@ -85,7 +88,6 @@ class Heartbeat:
     ) -> None:
         self._settings = settings
         self._remotes = remotes
-        self._peers = peers
         self._events = events
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
@@ -93,6 +95,8 @@ class Heartbeat:
         self._listeners: list[LivenessListener] = []
         self._urgent_flush = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._pinger = PingClient()
+        self._pings_ok = metrics.pings.labels("ok")
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -110,12 +114,16 @@ class Heartbeat:
 
     async def stop(self) -> None:
         """Stop every loop and write the liveness still in memory."""
+        for peer in self._peers_by_id.values():
+            if peer.deadline is not None:
+                peer.deadline.cancel()
         tasks = [p.task for p in self._peers_by_id.values() if p.task is not None]
         if self._flusher is not None:
             tasks.append(self._flusher)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._pinger.close()
         await self._flush()
 
     def subscribe(self, listener: LivenessListener) -> None:
@@ -144,6 +152,9 @@ class Heartbeat:
             gone = self._peers_by_id.pop(remote.remote_id, None)
             if gone is not None and gone.task is not None:
                 gone.task.cancel()
+            if gone is not None and gone.deadline is not None:
+                gone.deadline.cancel()
+            self._pinger.forget(remote.remote_id)
 
     def _start_loop(self, peer: _Peer, first_delay: float) -> None:
         if peer.task is not None and not peer.task.done():
@@ -156,22 +167,16 @@ class Heartbeat:
         cfg = self._settings.config.heartbeat
         return cfg.interval * self._rng.uniform(1 - cfg.jitter, 1 + cfg.jitter)
 
-    def _until_offline(self, peer: _Peer) -> float | None:
-        """Seconds until the remote's last ping ages out, or None while it is offline."""
-        remote = self._remotes.get(peer.remote_id)
-        if remote is None or not remote.online_announced:
-            return None
-        deadline = remote.last_ping_at + self._settings.offline_after_ms
-        return max(0.0, (deadline - now_ms()) / 1000) + 0.001
-
     async def _run(self, peer: _Peer, first_delay: float) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + first_delay
         while True:
+            if (delay := due - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            self._metrics.ping_lateness.observe(max(0.0, loop.time() - due))
             try:
-                await self._sleep_until(peer, due)
-                self._metrics.ping_lateness.observe(max(0.0, loop.time() - due))
-                await self._ping_watching_liveness(peer)
+                await self._ping(peer)
+                self._evaluate(peer)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -182,25 +187,23 @@ class Heartbeat:
             while due <= now:
                 due += self._next_interval()
 
-    async def _sleep_until(self, peer: _Peer, due: float) -> None:
-        loop = asyncio.get_running_loop()
-        while (remaining := due - loop.time()) > 0:
-            until_offline = self._until_offline(peer)
-            await asyncio.sleep(
-                remaining if until_offline is None else min(remaining, until_offline)
-            )
-            self._evaluate(peer)
+    def _arm_deadline(self, peer: _Peer) -> None:
+        """While a remote is online, a timer fires when its last ping ages out.
 
-    async def _ping_watching_liveness(self, peer: _Peer) -> None:
-        """Ping once; if the last success ages out while waiting, announce it at that moment."""
-        ping = asyncio.create_task(self._ping(peer))
-        try:
-            while not ping.done():
-                await asyncio.wait({ping}, timeout=self._until_offline(peer))
-                self._evaluate(peer)
-        finally:
-            ping.cancel()
-        ping.result()
+        The timer is not moved by each ping: when it fires it looks at the latest ping and
+        either announces the remote offline or sets itself for the new deadline.
+        """
+        remote = self._remotes.get(peer.remote_id)
+        if peer.deadline is not None or remote is None or not remote.online_announced:
+            return
+        left = (remote.last_ping_at + self._settings.offline_after_ms - now_ms()) / 1000
+        loop = asyncio.get_running_loop()
+        peer.deadline = loop.call_later(max(left, 0.0) + 0.001, self._deadline_reached, peer)
+
+    def _deadline_reached(self, peer: _Peer) -> None:
+        peer.deadline = None
+        if self._peers_by_id.get(peer.remote_id) is peer:
+            self._evaluate(peer)
 
     async def _ping(self, peer: _Peer) -> None:
         remote = self._remotes.get(peer.remote_id)
@@ -215,7 +218,7 @@ class Heartbeat:
             return
         rtt = time.perf_counter() - started
         self._remotes.set_liveness(remote.remote_id, last_ping_at=now_ms())
-        self._metrics.pings.labels("ok").inc()
+        self._pings_ok.inc()
         self._metrics.ping_seconds.observe(rtt)
         peer.failures, peer.last_error = 0, ""
         peer.rtt_ms = rtt * 1000
@@ -226,18 +229,17 @@ class Heartbeat:
 
     async def _exchange(self, remote: Remote, sent_at: int) -> Ping:
         """POST one ping frame (protocol §4) and return the peer's answer."""
-        reply = await self._peers.post(
+        status, body = await self._pinger.ping(
             remote.site_url,
-            PING_PATH,
             remote_id=remote.remote_id,
             token=remote.remote_token,
             body=_ping_frame(remote.remote_id, sent_at),
             timeout=self._settings.config.heartbeat.timeout,
         )
-        if reply.status != 200:
-            raise PeerError(f"http_{reply.status}", f"the peer answered HTTP {reply.status}")
+        if status != 200:
+            raise PeerError(f"http_{status}", f"the peer answered HTTP {status}")
         try:
-            return msgspec.json.decode(reply.body, type=Ping)
+            return msgspec.json.decode(body, type=Ping)
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise PeerError("bad_response", "the answer is not a ping") from None
 
@@ -284,6 +286,7 @@ class Heartbeat:
         now = now_ms()
         online = remote.is_online(now, self._settings.offline_after_ms)
         if online == remote.online_announced:
+            self._arm_deadline(peer)
             return
         updated = self._remotes.set_liveness(remote.remote_id, online=online)
         if updated is None:
@@ -319,6 +322,7 @@ class Heartbeat:
                 listener(updated, online)
             except Exception:
                 log.exception("heartbeat.listener_failed", remote_id=remote.remote_id)
+        self._arm_deadline(peer)
 
     async def _flush_loop(self) -> None:
         while True:
