@@ -31,5 +31,17 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Benchmarks (minutes each; see README "Performance"). They need wrk, curl and taskset.
+bench: $(STAMP)
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python bench/heartbeat_fanout.py
+	$(BIN)/python bench/msg_throughput.py
+	$(BIN)/python bench/upload_throughput.py
+
+# Regenerates tests/vectors/invites.json with the Go port of Mattermost's invite code.
+vectors:
+	command -v go >/dev/null || apt-get install -y golang-go golang-golang-x-crypto-dev
+	GO111MODULE=off GOPATH=/usr/share/gocode go run ./tests/vectors/invitegen gen > tests/vectors/invites.json
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
