@@ -3,20 +3,28 @@ Mattermost's remote clusters.
 
 Layout (one module per concern; ``create_app`` in :mod:`daemon.app` wires them together):
 
-* :mod:`daemon.cli`: the ``remoteclusterd`` command; :mod:`daemon.runtime` runs the server
-  process (listener, signals, graceful shutdown).
-* :mod:`daemon.config`: the strict TOML configuration; :mod:`daemon.settings` holds the live one.
-* :mod:`daemon.logging`: structlog set-up, secret redaction.
-* :mod:`daemon.errors`: the one error hierarchy; :mod:`daemon.middleware` maps it to JSON.
-* :mod:`daemon.ids`, :mod:`daemon.models`: Mattermost ids, tokens and wire models.
-* :mod:`daemon.store`, :mod:`daemon.migrations`: the SQLite store and its schema.
-* :mod:`daemon.remotes`: remote clusters, durable and mirrored in memory.
-* :mod:`daemon.invites`: invite code crypto; :mod:`daemon.links`: create/accept/confirm/delete.
-* :mod:`daemon.auth`: operator and remote-cluster authentication, one middleware.
-* :mod:`daemon.peers`: outbound calls to peers.
-* :mod:`daemon.events`: lifecycle events for local applications.
-* :mod:`daemon.handlers`: the HTTP handlers; :mod:`daemon.routes`: the route table with the
-  policy of every route; :mod:`daemon.keys`: typed app and request keys.
+* Process and configuration: :mod:`~daemon.cli` (the ``remoteclusterd`` command),
+  :mod:`~daemon.opscli` and :mod:`~daemon.opsclient` (operator commands and their client),
+  :mod:`~daemon.runtime` (listener, signals, systemd, reload, shutdown), :mod:`~daemon.systemd`
+  (sd_notify), :mod:`~daemon.config` (strict TOML), :mod:`~daemon.settings` (the live config),
+  :mod:`~daemon.logging` (structlog, redaction), :mod:`~daemon.metrics` (Prometheus),
+  :mod:`~daemon.tasks` (background tasks without a request's context).
+* HTTP: :mod:`~daemon.routes` (every route and its policy), :mod:`~daemon.middleware`
+  (request context, the one error mapping, authentication), :mod:`~daemon.auth` (policies and
+  operators), :mod:`~daemon.handlers` (thin handlers), :mod:`~daemon.keys` (typed app keys),
+  :mod:`~daemon.errors` (the one error hierarchy).
+* Data: :mod:`~daemon.ids` (ids, tokens), :mod:`~daemon.models` (wire models and their
+  checks), :mod:`~daemon.store` and :mod:`~daemon.migrations` (SQLite), :mod:`~daemon.remotes`
+  (remote clusters, mirrored in memory), :mod:`~daemon.filestore` (files from validated ids).
+* Links: :mod:`~daemon.invites` (invite crypto), :mod:`~daemon.links` (create, accept,
+  confirm, delete), :mod:`~daemon.peers` (outbound calls), :mod:`~daemon.pingclient` and
+  :mod:`~daemon.heartbeat` (pings and liveness), :mod:`~daemon.events` (lifecycle events).
+* Messages: :mod:`~daemon.inbound` (routing to local applications, answers given once),
+  :mod:`~daemon.outbox` (durable, ordered delivery), :mod:`~daemon.delivery` (what a peer's
+  answer means, the backoff).
+* Files: :mod:`~daemon.uploads` and :mod:`~daemon.appender` (receiving, resumable),
+  :mod:`~daemon.filesend` and :mod:`~daemon.transfer` (sending), :mod:`~daemon.images`
+  (profile images).
 """
 
 __version__ = "0.1.0"
