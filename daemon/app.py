@@ -23,12 +23,14 @@ from daemon.events import EventSink
 from daemon.filesend import FileSender
 from daemon.filestore import FileStore
 from daemon.heartbeat import Heartbeat
+from daemon.httplite import LiteClient
 from daemon.inbound import Inbound
 from daemon.keys import (
     DATABASE,
     EVENTS,
     FILE_SENDER,
     FILESTORE,
+    FORWARDER,
     HEARTBEAT,
     INBOUND,
     LINKS,
@@ -115,9 +117,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     app[REMOTES] = remotes
     log.info("store.opened", path=str(db.path), remotes=len(remotes.all()))
     yield
-    await writer.stop()
-    await db.close()
-    log.info("store.closed")
+    try:
+        await writer.stop()
+    finally:
+        await db.close()  # also when the last commit failed: the thread must not outlive us
+        log.info("store.closed")
 
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
@@ -129,11 +133,13 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     ):
         app[PEERS] = PeerClient(peer_session, max_body=settings.config.server.max_frame_size)
         app[LOCAL_HTTP] = local_session
+        app[FORWARDER] = forwarder = LiteClient()
         events = EventSink(settings, local_session)
         app[EVENTS] = events
         events.start()
         yield
         await events.stop()
+        forwarder.close()
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -146,7 +152,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     remotes.subscribe(on_change)
     heartbeat = Heartbeat(app[SETTINGS], remotes, events, app[METRICS])
     app[HEARTBEAT] = heartbeat
-    inbound = Inbound(app[SETTINGS], app[DATABASE], app[WRITER], app[LOCAL_HTTP])
+    inbound = Inbound(app[SETTINGS], app[DATABASE], app[WRITER], app[FORWARDER])
     app[INBOUND] = inbound
     outbox = Outbox(
         app[SETTINGS], app[DATABASE], app[WRITER], remotes, app[PEERS], events, app[METRICS]

@@ -1,7 +1,7 @@
 """Heartbeats: one outbound ping loop per confirmed remote, and liveness operators can trust.
 
 Each confirmed remote gets its own task, so a slow or dead peer never delays another's pings
-(Mattermost pings remotes one after another). Pings travel over :mod:`daemon.pingclient`, a
+(Mattermost pings remotes one after another). Pings travel over :mod:`daemon.httplite`, a
 lean keep-alive client, since a thousand peers mean a thousand requests a second.
 
 A loop pings at ``heartbeat.interval`` with a random jitter of ±``heartbeat.jitter`` so that
@@ -40,10 +40,11 @@ import structlog
 
 from daemon.errors import PeerError
 from daemon.events import EventSink
+from daemon.httplite import LiteClient
 from daemon.ids import new_id
 from daemon.metrics import Metrics, RemoteGauges
 from daemon.models import PING_TOPIC, Ping, Remote, now_ms
-from daemon.pingclient import PingClient
+from daemon.peers import HEADER_REMOTE_ID, HEADER_REMOTE_TOKEN, PING_PATH, join_url
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.tasks import background
@@ -52,6 +53,7 @@ log = structlog.get_logger(__name__)
 
 LivenessListener = Callable[[Remote, bool], None]
 STARTUP_SPREAD = 5.0  # seconds over which the first pings after start-up are spread
+PING_ANSWER_MAX = 64 * 1024  # a ping's answer is two numbers
 
 
 @dataclass(slots=True)
@@ -95,7 +97,7 @@ class Heartbeat:
         self._listeners: list[LivenessListener] = []
         self._urgent_flush = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self._pinger = PingClient()
+        self._pinger = LiteClient()
         self._pings_ok = metrics.pings.labels("ok")
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -154,7 +156,6 @@ class Heartbeat:
                 gone.task.cancel()
             if gone is not None and gone.deadline is not None:
                 gone.deadline.cancel()
-            self._pinger.forget(remote.remote_id)
 
     def _start_loop(self, peer: _Peer, first_delay: float) -> None:
         if peer.task is not None and not peer.task.done():
@@ -229,12 +230,12 @@ class Heartbeat:
 
     async def _exchange(self, remote: Remote, sent_at: int) -> Ping:
         """POST one ping frame (protocol §4) and return the peer's answer."""
-        status, body = await self._pinger.ping(
-            remote.site_url,
-            remote_id=remote.remote_id,
-            token=remote.remote_token,
+        status, body = await self._pinger.post(
+            join_url(remote.site_url, PING_PATH),
+            headers={HEADER_REMOTE_ID: remote.remote_id, HEADER_REMOTE_TOKEN: remote.remote_token},
             body=_ping_frame(remote.remote_id, sent_at),
             timeout=self._settings.config.heartbeat.timeout,
+            max_answer=PING_ANSWER_MAX,
         )
         if status != 200:
             raise PeerError(f"http_{status}", f"the peer answered HTTP {status}")

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
 import msgspec
 import structlog
 
 from daemon.config import TopicConfig
+from daemon.errors import PeerError
+from daemon.httplite import LiteClient
 from daemon.models import INVITATION_TOPIC, PING_TOPIC, Msg, PeerResponse, Remote, now_ms
-from daemon.peers import read_capped
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
 
@@ -70,12 +69,12 @@ class Inbound:
         settings: Settings,
         db: Database,
         writer: GroupCommit,
-        session: aiohttp.ClientSession,
+        client: LiteClient,
     ) -> None:
         self._settings = settings
         self._db = db
         self._writer = writer
-        self._session = session
+        self._client = client
         self._builtin: dict[str, TopicHandler] = {}
         self._in_flight: dict[_Key, asyncio.Future[PeerResponse]] = {}
         self._janitor: asyncio.Task[None] | None = None
@@ -161,22 +160,15 @@ class Inbound:
         body = msgspec.json.encode(
             ForwardedMessage(remote_id=remote.remote_id, remote_name=remote.name, msg=msg)
         )
-        limit = self._settings.config.server.max_frame_size
         try:
-            async with self._session.post(
+            status, answer = await self._client.post(
                 route.forward_url,
-                data=body,
-                headers={"Content-Type": "application/json"},
-                timeout=_timeout(route.timeout),
-                allow_redirects=False,
-            ) as resp:
-                answer = await read_capped(resp, limit)
-                status = resp.status
-        except TimeoutError:
-            raise LocalUnavailable(f"{route.name}: no answer within {route.timeout:g}s") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise LocalUnavailable(f"{route.name}: {type(exc).__name__}") from None
-        except Exception as exc:  # read_capped's PeerError: the answer is too large
+                headers={},
+                body=body,
+                timeout=route.timeout,
+                max_answer=self._settings.config.server.max_frame_size,
+            )
+        except PeerError as exc:
             raise LocalUnavailable(f"{route.name}: {exc}") from None
         if 200 <= status < 300:
             return PeerResponse(status="OK", err="", payload=_json_or_null(answer, route))
@@ -197,11 +189,6 @@ class Inbound:
                 continue
             if removed:
                 log.info("inbox.pruned", removed=removed)
-
-
-@functools.lru_cache(maxsize=64)
-def _timeout(seconds: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=seconds)
 
 
 def _json_or_null(body: bytes, route: TopicConfig) -> msgspec.Raw:

@@ -11,6 +11,7 @@ from daemon.events import EventSink
 from daemon.filesend import FileSender
 from daemon.filestore import FileStore
 from daemon.heartbeat import Heartbeat
+from daemon.httplite import LiteClient
 from daemon.inbound import Inbound
 from daemon.links import LinkService
 from daemon.metrics import Metrics
@@ -28,6 +29,7 @@ WRITER = web.AppKey("writer", GroupCommit)
 REMOTES = web.AppKey("remotes", Remotes)
 PEERS = web.AppKey("peers", PeerClient)
 LOCAL_HTTP = web.AppKey("local_http", aiohttp.ClientSession)
+FORWARDER = web.AppKey("forwarder", LiteClient)
 LINKS = web.AppKey("links", LinkService)
 OPERATORS = web.AppKey("operators", OperatorAuth)
 EVENTS = web.AppKey("events", EventSink)

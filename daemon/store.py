@@ -94,16 +94,28 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Run the block in ``BEGIN IMMEDIATE … COMMIT``; roll back if it raises."""
+        """Run the block in ``BEGIN IMMEDIATE … COMMIT``; roll back if anything raises.
+
+        Cancellation can strike at any ``await``, also while ``BEGIN`` or ``COMMIT`` runs in
+        the database thread; the rollback is then queued behind it before the lock is let go,
+        so the connection is never handed on with a transaction open.
+        """
         async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
             try:
+                await self._conn.execute("BEGIN IMMEDIATE")
                 yield self._conn
+                await self._conn.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._conn.execute("ROLLBACK")
+                await self._rollback()
                 raise
-            await self._conn.execute("COMMIT")
+
+    async def _rollback(self) -> None:
+        rollback = asyncio.ensure_future(self._conn.execute("ROLLBACK"))
+        while not rollback.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(rollback)
+        with contextlib.suppress(sqlite3.Error):
+            rollback.result()  # "no transaction is active" when COMMIT got through
 
     async def execute(self, sql: str, params: Params = ()) -> int:
         """Run one statement (its own transaction) and return the number of rows changed."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import stat
 from pathlib import Path
@@ -74,5 +76,28 @@ async def test_half_made_accept_is_removed_at_start(tmp_path: Path) -> None:
         await reloaded.load()
         assert [r.remote_id for r in reloaded.all()] == [keep]
         assert await db.scalar("SELECT count(*) FROM shared_channel_remotes") == 0
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("steps", range(16))
+async def test_a_cancelled_transaction_never_leaves_one_open(tmp_path: Path, steps: int) -> None:
+    """Cancelled at any point (also while BEGIN or COMMIT runs), the next transaction works."""
+    db = await Database.open(tmp_path)
+    try:
+
+        async def write() -> None:
+            async with db.transaction() as conn:
+                await conn.execute("INSERT INTO inbox VALUES ('r', 'm', 't', 'OK', '', x'', 1)")
+
+        task = asyncio.create_task(write())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with db.transaction() as conn:
+            await conn.execute("DELETE FROM inbox")
+        assert await db.scalar("SELECT count(*) FROM inbox") == 0
     finally:
         await db.close()

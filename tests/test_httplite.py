@@ -1,4 +1,4 @@
-"""The lean ping client against scripted HTTP servers: framing, keep-alive, failures, TLS."""
+"""The lean HTTP client against scripted servers: framing, keep-alive, failures, TLS."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import trustme
 from aiohttp import web
 
 from daemon.errors import PeerError
-from daemon.pingclient import PingClient
+from daemon.httplite import LiteClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 BODY = b'{"remote_id":"x","msg":{}}'
@@ -64,8 +64,14 @@ def ok(body: bytes = PONG, extra: str = "") -> bytes:
     return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
-async def ping(client: PingClient, url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    return await client.ping(url, remote_id="r" * 26, token="t" * 26, body=BODY, timeout=timeout)
+HEADERS = {"X-RemoteCluster-Id": "r" * 26, "X-RemoteCluster-Token": "t" * 26}
+
+
+async def ping(client: LiteClient, url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    ping_url = url.rstrip("/") + "/api/v4/remotecluster/ping"
+    return await client.post(
+        ping_url, headers=HEADERS, body=BODY, timeout=timeout, max_answer=65536
+    )
 
 
 async def test_request_shape_and_keep_alive() -> None:
@@ -78,7 +84,7 @@ async def test_request_shape_and_keep_alive() -> None:
             seen.append(head)
             writer.write(ok())
 
-    client = PingClient()
+    client = LiteClient()
     async with server(handler) as (url, connections):
         for _ in range(3):
             assert await ping(client, url) == (200, PONG)
@@ -103,23 +109,25 @@ async def test_request_shape_and_keep_alive() -> None:
         + PONG[5:]
         + b"\r\n0\r\n\r\n",
         ok(extra="Connection: close\r\n"),
+        b"HTTP/1.1 204 No Content\r\n\r\n",
         b"HTTP/1.0 200 OK\r\n\r\n" + PONG,
     ],
-    ids=["chunked", "connection-close", "http10-until-eof"],
+    ids=["chunked", "connection-close", "no-content", "http10-until-eof"],
 )
 async def test_answer_framings(answer: bytes) -> None:
-    keep = b"chunked" in answer
-    client = PingClient()
+    keep = b"chunked" in answer or b" 204 " in answer
+    expected = (204, b"") if b" 204 " in answer else (200, PONG)
+    client = LiteClient()
     async with server(answering(answer, keep=keep)) as (url, connections):
-        assert await ping(client, url) == (200, PONG)
-        assert await ping(client, url) == (200, PONG)
+        assert await ping(client, url) == expected
+        assert await ping(client, url) == expected
     client.close()
     assert len(connections) == (1 if keep else 2)
 
 
 async def test_a_connection_closed_while_idle_is_replaced() -> None:
     """The peer drops the kept-alive connection between pings: one retry on a fresh one."""
-    client = PingClient()
+    client = LiteClient()
     async with server(answering(ok(), keep=False)) as (url, connections):
         assert await ping(client, url) == (200, PONG)  # the server then closes its end
         assert await ping(client, url) == (200, PONG)
@@ -128,7 +136,7 @@ async def test_a_connection_closed_while_idle_is_replaced() -> None:
 
 
 async def test_failures() -> None:
-    client = PingClient()
+    client = LiteClient()
 
     async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -171,10 +179,10 @@ async def test_tls_peer(aiohttp_server: object) -> None:
     url = f"https://127.0.0.1:{srv.port}"
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
-    client = PingClient(ssl_context=client_ctx)
+    client = LiteClient(ssl_context=client_ctx)
     assert await ping(client, url) == (200, PONG)
     client.close()
-    untrusting = PingClient()  # the system's CAs do not know this certificate
+    untrusting = LiteClient()  # the system's CAs do not know this certificate
     with pytest.raises(PeerError) as info:
         await ping(untrusting, url)
     assert info.value.reason in ("tls_error", "unreachable")
