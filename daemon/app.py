@@ -131,7 +131,10 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         client_session(agent, limit_per_host=8) as peer_session,
         client_session(agent, limit_per_host=64) as local_session,
     ):
-        app[PEERS] = PeerClient(peer_session, max_body=settings.config.server.max_frame_size)
+        peer_lite = LiteClient()
+        app[PEERS] = PeerClient(
+            peer_session, peer_lite, max_body=settings.config.server.max_frame_size
+        )
         app[LOCAL_HTTP] = local_session
         app[FORWARDER] = forwarder = LiteClient()
         events = EventSink(settings, local_session)
@@ -140,6 +143,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         yield
         await events.stop()
         forwarder.close()
+        peer_lite.close()
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:

@@ -20,8 +20,9 @@ import random
 import msgspec
 
 from daemon.errors import PeerError
+from daemon.httplite import Reply
 from daemon.models import Frame, Msg, PeerResponse, Remote
-from daemon.peers import MSG_PATH, PeerClient, PeerReply
+from daemon.peers import MSG_PATH, PeerClient
 
 RETRYABLE_4XX = frozenset({401, 403, 408, 425, 429})
 
@@ -52,7 +53,7 @@ def frame_bytes(remote_id: str, msg_id: str, topic: str, create_at: int, payload
     return msgspec.json.encode(Frame(remote_id=remote_id, msg=msg))
 
 
-def judge(reply: PeerReply) -> tuple[str, PeerResponse]:
+def judge(reply: Reply) -> tuple[str, PeerResponse]:
     """Map a peer's answer to ``delivered`` or ``rejected``, or raise :class:`Retry`."""
     if reply.status == 200:
         try:

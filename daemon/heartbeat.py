@@ -230,17 +230,17 @@ class Heartbeat:
 
     async def _exchange(self, remote: Remote, sent_at: int) -> Ping:
         """POST one ping frame (protocol §4) and return the peer's answer."""
-        status, body = await self._pinger.post(
+        reply = await self._pinger.post(
             join_url(remote.site_url, PING_PATH),
             headers={HEADER_REMOTE_ID: remote.remote_id, HEADER_REMOTE_TOKEN: remote.remote_token},
             body=_ping_frame(remote.remote_id, sent_at),
             timeout=self._settings.config.heartbeat.timeout,
             max_answer=PING_ANSWER_MAX,
         )
-        if status != 200:
-            raise PeerError(f"http_{status}", f"the peer answered HTTP {status}")
+        if reply.status != 200:
+            raise PeerError(f"http_{reply.status}", f"the peer answered HTTP {reply.status}")
         try:
-            return msgspec.json.decode(body, type=Ping)
+            return msgspec.json.decode(reply.body, type=Ping)
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise PeerError("bad_response", "the answer is not a ping") from None
 

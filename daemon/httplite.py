@@ -23,11 +23,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from daemon import __version__
 from daemon.errors import PeerError
 
 MAX_HEAD = 16 * 1024
 IDLE_PER_HOST = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer: its status, its headers (case-insensitive) and its body."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +92,8 @@ class LiteClient:
         body: bytes,
         timeout: float,
         max_answer: int,
-    ) -> tuple[int, bytes]:
-        """POST ``body`` as JSON to ``url``; return the status and the answer's body."""
+    ) -> Reply:
+        """POST ``body`` as JSON to ``url`` and return the answer, whatever its status."""
         target = self._targets.get(url)
         if target is None:
             target = self._targets[url] = _target(url)
@@ -98,9 +109,7 @@ class LiteClient:
         except TimeoutError:
             raise PeerError("timeout", f"no answer within {timeout:g}s") from None
 
-    async def _exchange(
-        self, target: _Target, request: bytes, max_answer: int
-    ) -> tuple[int, bytes]:
+    async def _exchange(self, target: _Target, request: bytes, max_answer: int) -> Reply:
         key = (target.host, target.port, target.tls)
         pool = self._idle.setdefault(key, [])
         while pool:
@@ -132,10 +141,10 @@ class LiteClient:
 
     async def _round_trip(
         self, key: tuple[str, int, bool], connection: _Connection, request: bytes, max_answer: int
-    ) -> tuple[int, bytes]:
+    ) -> Reply:
         try:
             connection.writer.write(request)
-            status, keep_alive, answer = await _read_answer(connection.reader, max_answer)
+            reply, keep_alive = await _read_answer(connection.reader, max_answer)
         except (_Stale, PeerError):
             connection.close()
             raise
@@ -150,28 +159,31 @@ class LiteClient:
             pool.append(connection)
         else:
             connection.close()
-        return status, answer
+        return reply
 
 
-async def _read_answer(reader: asyncio.StreamReader, max_answer: int) -> tuple[int, bool, bytes]:
-    """Read one answer: its status, whether the connection stays open, and its body."""
+async def _read_answer(reader: asyncio.StreamReader, max_answer: int) -> tuple[Reply, bool]:
+    """Read one answer; also whether the connection stays open for the next request."""
     try:
         status_line = await reader.readline()
     except ConnectionError:
         raise _Stale from None
     if not status_line:
         raise _Stale
-    status, keep_alive, length, chunked = await _read_head(reader, status_line)
+    status, keep_alive, headers = await _read_head(reader, status_line)
+    length = headers.get("content-length")
     if status in (204, 304) or 100 <= status < 200:
-        return status, keep_alive, b""  # no body, whatever the headers say
-    if chunked:
-        return status, keep_alive, await _read_chunked(reader, max_answer)
-    if length is not None:
-        _check_size(length, max_answer)
-        return status, keep_alive, await reader.readexactly(length)
-    answer = await reader.read(max_answer + 1)  # delimited by the connection's end
-    _check_size(len(answer), max_answer)
-    return status, False, answer
+        body = b""  # no body, whatever the headers say
+    elif "chunked" in headers.get("transfer-encoding", "").lower():
+        body = await _read_chunked(reader, max_answer)
+    elif length is not None:
+        _check_size(int(length), max_answer)
+        body = await reader.readexactly(int(length))
+    else:
+        body = await reader.read(max_answer + 1)  # delimited by the connection's end
+        _check_size(len(body), max_answer)
+        keep_alive = False
+    return Reply(status, CIMultiDictProxy(headers), body), keep_alive
 
 
 def _check_size(size: int, max_answer: int) -> None:
@@ -181,30 +193,24 @@ def _check_size(size: int, max_answer: int) -> None:
 
 async def _read_head(
     reader: asyncio.StreamReader, status_line: bytes
-) -> tuple[int, bool, int | None, bool]:
-    """Parse the status line and headers: status, keep-alive, Content-Length, chunked."""
+) -> tuple[int, bool, CIMultiDict[str]]:
+    """Parse the status line and the headers; also whether the connection may be kept."""
     try:
         version, code, *_ = status_line.decode("latin-1").split(" ", 2)
         status = int(code)
     except ValueError:
         raise PeerError("bad_response", "not an HTTP answer") from None
-    keep_alive = version == "HTTP/1.1"
-    length: int | None = None
-    chunked = False
+    headers: CIMultiDict[str] = CIMultiDict()
     size = len(status_line)
     while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
         size += len(line)
         if size > MAX_HEAD:
             raise PeerError("bad_response", "answer headers too large")
         name, _, value = line.decode("latin-1").partition(":")
-        name, value = name.strip().lower(), value.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "transfer-encoding":
-            chunked = "chunked" in value
-        elif name == "connection":
-            keep_alive = value == "keep-alive" or (keep_alive and value != "close")
-    return status, keep_alive, length, chunked
+        headers.add(name.strip(), value.strip())
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection == "keep-alive" or (version == "HTTP/1.1" and connection != "close")
+    return status, keep_alive, headers
 
 
 class _Stale(Exception):

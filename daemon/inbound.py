@@ -161,7 +161,7 @@ class Inbound:
             ForwardedMessage(remote_id=remote.remote_id, remote_name=remote.name, msg=msg)
         )
         try:
-            status, answer = await self._client.post(
+            reply = await self._client.post(
                 route.forward_url,
                 headers={},
                 body=body,
@@ -170,11 +170,11 @@ class Inbound:
             )
         except PeerError as exc:
             raise LocalUnavailable(f"{route.name}: {exc}") from None
-        if 200 <= status < 300:
-            return PeerResponse(status="OK", err="", payload=_json_or_null(answer, route))
-        if 400 <= status < 500:
-            return PeerResponse(status="FAIL", err=_reason(status, answer), payload=NULL)
-        raise LocalUnavailable(f"{route.name}: HTTP {status}")
+        if 200 <= reply.status < 300:
+            return PeerResponse(status="OK", err="", payload=_json_or_null(reply.body, route))
+        if 400 <= reply.status < 500:
+            return PeerResponse(status="FAIL", err=_reason(reply.status, reply.body), payload=NULL)
+        raise LocalUnavailable(f"{route.name}: HTTP {reply.status}")
 
     async def _prune_forever(self) -> None:
         while True:

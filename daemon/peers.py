@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDictProxy
 
 from daemon.errors import PeerError
+from daemon.httplite import LiteClient, Reply
 
 HEADER_REMOTE_ID = "X-RemoteCluster-Id"
 HEADER_REMOTE_TOKEN = "X-RemoteCluster-Token"  # noqa: S105 - a header name, not a secret
@@ -32,15 +31,6 @@ CONFIRM_INVITE_PATH = "api/v4/remotecluster/confirm_invite"
 def join_url(site_url: str, path: str) -> str:
     """Join a site URL and an API path with exactly one slash between them."""
     return f"{site_url.rstrip('/')}/{path.lstrip('/')}"
-
-
-@dataclass(frozen=True, slots=True)
-class PeerReply:
-    """A peer's answer: status, headers and at most ``max_body`` bytes of body."""
-
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
 
 
 @contextlib.asynccontextmanager
@@ -66,10 +56,16 @@ async def client_session(
 
 
 class PeerClient:
-    """Sends authenticated requests to peers through the shared session."""
+    """Sends authenticated requests to peers.
 
-    def __init__(self, session: aiohttp.ClientSession, *, max_body: int) -> None:
+    Small JSON POSTs (frames to ``/msg`` and ``/confirm_invite``) go through the lean
+    keep-alive client of :mod:`daemon.httplite`; streamed uploads and ``HEAD`` through the
+    shared aiohttp session.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, lite: LiteClient, *, max_body: int) -> None:
         self._session = session
+        self._lite = lite
         self._max_body = max_body
 
     async def post(
@@ -82,20 +78,17 @@ class PeerClient:
         body: bytes,
         timeout: float,
         headers: Mapping[str, str] | None = None,
-    ) -> PeerReply:
+    ) -> Reply:
         """POST ``body`` as JSON to a peer; raise :class:`PeerError` when no answer came.
 
         Any HTTP status is returned: what counts as success is the caller's decision.
         """
-        return await self.request(
-            "POST",
-            site_url,
-            path,
-            remote_id=remote_id,
-            token=token,
+        return await self._lite.post(
+            join_url(site_url, path),
+            headers={HEADER_REMOTE_ID: remote_id, HEADER_REMOTE_TOKEN: token, **(headers or {})},
             body=body,
-            headers={"Content-Type": "application/json", **(headers or {})},
-            timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30.0)),
+            timeout=timeout,
+            max_answer=self._max_body,
         )
 
     async def request(
@@ -109,7 +102,7 @@ class PeerClient:
         timeout: aiohttp.ClientTimeout,
         body: bytes | AsyncIterator[bytes] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> PeerReply:
+    ) -> Reply:
         """Any authenticated request to a peer (a streamed upload body included)."""
         request_headers = {
             HEADER_REMOTE_ID: remote_id,
@@ -126,7 +119,7 @@ class PeerClient:
                 allow_redirects=False,
             ) as resp:
                 data = await read_capped(resp, self._max_body)
-                return PeerReply(resp.status, resp.headers, data)
+                return Reply(resp.status, resp.headers, data)
         except TimeoutError:
             limit = timeout.total or timeout.sock_read or 0
             raise PeerError("timeout", f"no answer within {limit:g}s") from None

@@ -69,9 +69,10 @@ HEADERS = {"X-RemoteCluster-Id": "r" * 26, "X-RemoteCluster-Token": "t" * 26}
 
 async def ping(client: LiteClient, url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     ping_url = url.rstrip("/") + "/api/v4/remotecluster/ping"
-    return await client.post(
+    reply = await client.post(
         ping_url, headers=HEADERS, body=BODY, timeout=timeout, max_answer=65536
     )
+    return reply.status, reply.body
 
 
 async def test_request_shape_and_keep_alive() -> None:
