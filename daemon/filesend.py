@@ -24,11 +24,9 @@ a peer back online is retried at once. Final states send ``file.sent``, ``file.r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -43,24 +41,16 @@ from daemon.ids import is_valid_id, new_id
 from daemon.metrics import Metrics
 from daemon.models import Remote, UploadSession, now_ms
 from daemon.peers import PeerClient
-from daemon.remotes import Change, Remotes
+from daemon.remotes import Remotes
 from daemon.settings import Settings
 from daemon.store import Database
-from daemon.tasks import background
 from daemon.uploads import display_name
+from daemon.workers import RemoteWorkers, Worker
 
 log = structlog.get_logger(__name__)
 
 READ_BLOCK = 1024 * 1024
 NO_CHANNEL = "nochannelnochannelnochanne"  # a valid id for files sent without a channel
-
-
-@dataclass(slots=True)
-class _Worker:
-    remote_id: str
-    task: asyncio.Task[None] | None = None
-    new_files: asyncio.Event = field(default_factory=asyncio.Event)
-    online: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class FileSender:
@@ -86,7 +76,7 @@ class FileSender:
         self._events = events
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
-        self._workers: dict[str, _Worker] = {}
+        self._workers = RemoteWorkers("files", self._run)
 
     async def start(self) -> None:
         """Resume what was being sent."""
@@ -96,34 +86,16 @@ class FileSender:
         for row in rows:
             remote = self._remotes.get(row["remote_id"])
             if remote is not None and not remote.is_deleted:
-                self._worker(row["remote_id"])
-        self._remotes.subscribe(self._on_change)
+                self._workers.ensure(row["remote_id"])
+        self._remotes.subscribe(self._workers.on_change)
 
     async def stop(self) -> None:
         """Stop every worker; transfers resume at the next start."""
-        tasks = [w.task for w in self._workers.values() if w.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._workers.stop()
 
     def wake(self, remote: Remote, online: bool) -> None:
         """Heartbeat listener: retry at once when the peer is back."""
-        worker = self._workers.get(remote.remote_id)
-        if online and worker is not None:
-            worker.online.set()
-
-    def _on_change(self, change: Change, remote: Remote) -> None:
-        worker = self._workers.pop(remote.remote_id, None) if change is Change.DELETED else None
-        if worker is not None and worker.task is not None:
-            worker.task.cancel()
-
-    def _worker(self, remote_id: str) -> _Worker:
-        worker = self._workers.get(remote_id)
-        if worker is None:
-            worker = self._workers[remote_id] = _Worker(remote_id)
-        if worker.task is None or worker.task.done():
-            worker.task = background(self._run(worker), name=f"files:{remote_id}")
-        return worker
+        self._workers.wake(remote, online)
 
     # --- the local application's side ---------------------------------------------------
 
@@ -168,7 +140,7 @@ class FileSender:
         except sqlite3.IntegrityError:
             await self._store.remove(self._store.path(OUTGOING, upload_id))
             raise Conflict("This file id was already sent to this remote.") from None
-        self._worker(remote.remote_id).new_files.set()
+        self._workers.ensure(remote.remote_id).work.set()
         log.info("file.queued", remote_id=remote.remote_id, file_id=file_id, upload_id=upload_id,
                  size=size)  # fmt: skip
         return {"file_id": file_id, "upload_id": upload_id, "state": "queued"}
@@ -223,9 +195,9 @@ class FileSender:
 
     # --- sending ---------------------------------------------------------------------------
 
-    async def _run(self, worker: _Worker) -> None:
+    async def _run(self, worker: Worker) -> None:
         while True:
-            worker.new_files.clear()
+            worker.work.clear()
             try:
                 rows = await self._db.fetchall(
                     "SELECT * FROM uploads_out WHERE remote_id = ? "
@@ -237,12 +209,12 @@ class FileSender:
                 await asyncio.sleep(1.0)
                 continue
             if not rows:
-                await worker.new_files.wait()
+                await worker.work.wait()
                 continue
             for row in rows:
                 await self._transfer(worker, dict(row))
 
-    async def _transfer(self, worker: _Worker, row: dict[str, Any]) -> None:
+    async def _transfer(self, worker: Worker, row: dict[str, Any]) -> None:
         """Send one file until it is completed, rejected or dead."""
         while True:
             remote = self._remotes.get(worker.remote_id)
@@ -255,11 +227,7 @@ class FileSender:
                 await self._finish(remote, row, "dead")
                 return
             if row["next_attempt_at"] > now:
-                with contextlib.suppress(TimeoutError):
-                    wait = (min(row["next_attempt_at"], expires) - now) / 1000
-                    await asyncio.wait_for(worker.online.wait(), timeout=wait)
-                if worker.online.is_set():
-                    worker.online.clear()
+                if await worker.backoff((min(row["next_attempt_at"], expires) - now) / 1000):
                     row["next_attempt_at"] = 0
                 continue
             row["attempts"] += 1

@@ -328,9 +328,8 @@ class Heartbeat:
     async def _flush_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._urgent_flush.wait(), self._settings.config.heartbeat.interval
-                )
+                async with asyncio.timeout(self._settings.config.heartbeat.interval):
+                    await self._urgent_flush.wait()
             self._urgent_flush.clear()
             await self._flush()
 

@@ -26,10 +26,9 @@ the application).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -46,6 +45,7 @@ from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
 from daemon.tasks import background
+from daemon.workers import RemoteWorkers, Worker
 
 log = structlog.get_logger(__name__)
 
@@ -63,15 +63,6 @@ class _Message:
     attempts: int
     next_attempt_at: int
     last_error: str
-
-
-@dataclass(slots=True)
-class _Worker:
-    remote_id: str
-    queued: int = 0
-    task: asyncio.Task[None] | None = None
-    new_messages: asyncio.Event = field(default_factory=asyncio.Event)
-    online: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Outbox:
@@ -97,7 +88,7 @@ class Outbox:
         self._events = events
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
-        self._workers: dict[str, _Worker] = {}
+        self._workers = RemoteWorkers("outbox", self._run)
         self._janitor: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Outcomes recorded but not yet committed, so a status read never goes back in time.
@@ -115,31 +106,28 @@ class Outbox:
             if remote is None or remote.is_deleted:
                 await self._bury_all(row["remote_id"], "the remote was deleted")
                 continue
-            self._worker(row["remote_id"]).queued = row["n"]
-        self._remotes.subscribe(self._on_change)
+            self._workers.ensure(row["remote_id"]).queued = row["n"]
+        self._remotes.subscribe(self._workers.on_change)
+        self._remotes.subscribe(self._bury_deleted)
         self._metrics.watch_outbox(self._depths)
         self._janitor = asyncio.create_task(self._prune_forever(), name="outbox.janitor")
 
     async def stop(self) -> None:
         """Stop every worker (what is queued stays queued)."""
-        tasks = [w.task for w in self._workers.values() if w.task is not None]
-        tasks.extend(self._background)
+        tasks = list(self._background)
         if self._janitor is not None:
             tasks.append(self._janitor)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._workers.stop()
 
     def wake(self, remote: Remote, online: bool) -> None:
         """Heartbeat listener: a peer back online is retried at once."""
-        worker = self._workers.get(remote.remote_id)
-        if online and worker is not None:
-            worker.online.set()
+        self._workers.wake(remote, online)
 
-    def _on_change(self, change: Change, remote: Remote) -> None:
-        if change is Change.DELETED and (worker := self._workers.pop(remote.remote_id, None)):
-            if worker.task is not None:
-                worker.task.cancel()
+    def _bury_deleted(self, change: Change, remote: Remote) -> None:
+        if change is Change.DELETED:
             task = background(
                 self._bury_all(remote.remote_id, "the remote was deleted"), name="outbox.bury"
             )
@@ -148,19 +136,11 @@ class Outbox:
 
     def _depths(self) -> dict[str, int]:
         depths = {}
-        for worker in self._workers.values():
+        for worker in self._workers:
             remote = self._remotes.get(worker.remote_id)
             if remote is not None:
                 depths[remote.name] = worker.queued
         return depths
-
-    def _worker(self, remote_id: str) -> _Worker:
-        worker = self._workers.get(remote_id)
-        if worker is None:
-            worker = self._workers[remote_id] = _Worker(remote_id)
-        if worker.task is None or worker.task.done():
-            worker.task = background(self._run(worker), name=f"outbox:{remote_id}")
-        return worker
 
     # --- the local application's side ----------------------------------------------------
 
@@ -174,7 +154,7 @@ class Outbox:
             raise PayloadTooLarge(
                 detail=f"the frame would be larger than {cfg.server.max_frame_size} bytes"
             )
-        worker = self._worker(remote.remote_id)
+        worker = self._workers.ensure(remote.remote_id)
         if worker.queued >= cfg.outbox.max_queued:
             raise TooManyRequests(
                 f"The outbox for this remote is full ({cfg.outbox.max_queued} messages queued).",
@@ -192,7 +172,7 @@ class Outbox:
         except BaseException:
             worker.queued -= 1
             raise
-        worker.new_messages.set()
+        worker.work.set()
         self._metrics.outbox_messages.labels("queued").inc()
         return msg_id
 
@@ -252,18 +232,18 @@ class Outbox:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (msg_id, remote.remote_id, row["topic"], row["payload"], now, now),
             )
-        worker = self._worker(remote.remote_id)
+        worker = self._workers.ensure(remote.remote_id)
         worker.queued += 1
-        worker.new_messages.set()
+        worker.work.set()
         log.info("msg.retried", remote_id=remote.remote_id, remote_name=remote.name, msg_id=msg_id)
         return {"id": msg_id, "state": "queued"}
 
     # --- delivery ------------------------------------------------------------------------
 
-    async def _run(self, worker: _Worker) -> None:
+    async def _run(self, worker: Worker) -> None:
         cursor = 0
         while True:
-            worker.new_messages.clear()
+            worker.work.clear()
             try:
                 page = await self._page(worker.remote_id, cursor)
             except sqlite3.Error:
@@ -271,7 +251,7 @@ class Outbox:
                 await asyncio.sleep(1.0)
                 continue
             if not page:
-                await worker.new_messages.wait()
+                await worker.work.wait()
                 continue
             for message in page:
                 await self._deliver(worker, message)
@@ -285,7 +265,7 @@ class Outbox:
         )
         return [_Message(*row) for row in rows]
 
-    async def _deliver(self, worker: _Worker, message: _Message) -> None:
+    async def _deliver(self, worker: Worker, message: _Message) -> None:
         """Send one message until it is delivered, rejected or dead."""
         frame = b""
         while True:
@@ -299,9 +279,7 @@ class Outbox:
                 self._bury(worker, remote, message)
                 return
             if message.next_attempt_at > now:
-                await self._backoff(worker, (min(message.next_attempt_at, expires) - now) / 1000)
-                if worker.online.is_set():
-                    worker.online.clear()
+                if await worker.backoff((min(message.next_attempt_at, expires) - now) / 1000):
                     message.next_attempt_at = 0
                 continue
             frame = frame or frame_bytes(
@@ -317,10 +295,6 @@ class Outbox:
                 continue
             self._finish(worker, message, state, response)
             return
-
-    async def _backoff(self, worker: _Worker, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(worker.online.wait(), timeout=max(seconds, 0.0))
 
     def _retry(self, remote: Remote, message: _Message, exc: Retry) -> None:
         cfg = self._settings.config.outbox
@@ -350,7 +324,7 @@ class Outbox:
         )
 
     def _finish(
-        self, worker: _Worker, message: _Message, state: str, response: PeerResponse
+        self, worker: Worker, message: _Message, state: str, response: PeerResponse
     ) -> None:
         last_error = response.err if state == "rejected" else ""
         raw = msgspec.json.encode(response)
@@ -374,7 +348,7 @@ class Outbox:
             },
         )
 
-    def _bury(self, worker: _Worker, remote: Remote, message: _Message) -> None:
+    def _bury(self, worker: Worker, remote: Remote, message: _Message) -> None:
         worker.queued -= 1
         self._metrics.outbox_messages.labels("dead").inc()
         log.warning(

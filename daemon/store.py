@@ -110,11 +110,16 @@ class Database:
                 raise
 
     async def _rollback(self) -> None:
+        """Roll back, never raising: the exception being handled is the one that counts.
+
+        (A rollback that raised would replace it; had it been a cancellation, the cancelled
+        task would carry on as if nothing happened.)
+        """
         rollback = asyncio.ensure_future(self._conn.execute("ROLLBACK"))
         while not rollback.done():
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, sqlite3.Error):
                 await asyncio.shield(rollback)
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(asyncio.CancelledError, sqlite3.Error):
             rollback.result()  # "no transaction is active" when COMMIT got through
 
     async def execute(self, sql: str, params: Params = ()) -> int:

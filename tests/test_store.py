@@ -101,3 +101,27 @@ async def test_a_cancelled_transaction_never_leaves_one_open(tmp_path: Path, ste
         assert await db.scalar("SELECT count(*) FROM inbox") == 0
     finally:
         await db.close()
+
+
+async def test_cancelled_during_commit_stays_cancelled(tmp_path: Path) -> None:
+    """A cancellation that lands while COMMIT runs is not swallowed by the failing rollback."""
+    db = await Database.open(tmp_path)
+    try:
+        for steps in range(16):
+            entered = asyncio.Event()
+
+            async def write(entered: asyncio.Event) -> None:
+                async with db.transaction() as conn:
+                    await conn.execute("DELETE FROM inbox")
+                    entered.set()
+
+            task = asyncio.create_task(write(entered))
+            await entered.wait()
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert task.cancelled() or task.exception() is None
+    finally:
+        await db.close()
