@@ -135,7 +135,12 @@ class Inbound:
                  bytes(answer.payload), now_ms()),
             )  # fmt: skip
         except BaseException as exc:
-            future.set_exception(exc)
+            # Repeats waiting for this one answer 503 if it was cut short (its peer went away):
+            # the message was not answered, so it will come again.
+            if isinstance(exc, Exception) and not isinstance(exc, asyncio.CancelledError):
+                future.set_exception(exc)
+            else:
+                future.set_exception(LocalUnavailable("the first delivery was interrupted"))
             future.exception()  # nobody may be waiting
             raise
         else:
