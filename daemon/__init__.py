@@ -17,14 +17,18 @@ Layout (one module per concern; ``create_app`` in :mod:`daemon.app` wires them t
   checks), :mod:`~daemon.store` and :mod:`~daemon.migrations` (SQLite), :mod:`~daemon.remotes`
   (remote clusters, mirrored in memory), :mod:`~daemon.filestore` (files from validated ids).
 * Links: :mod:`~daemon.invites` (invite crypto), :mod:`~daemon.links` (create, accept,
-  confirm, delete), :mod:`~daemon.peers` (outbound calls), :mod:`~daemon.pingclient` and
-  :mod:`~daemon.heartbeat` (pings and liveness), :mod:`~daemon.events` (lifecycle events).
+  confirm, delete), :mod:`~daemon.peers` and :mod:`~daemon.httplite` (outbound calls; the
+  lean client for small JSON POSTs), :mod:`~daemon.heartbeat` (pings and liveness),
+  :mod:`~daemon.events` (lifecycle events).
 * Messages: :mod:`~daemon.inbound` (routing to local applications, answers given once),
   :mod:`~daemon.outbox` (durable, ordered delivery), :mod:`~daemon.delivery` (what a peer's
   answer means, the backoff).
-* Files: :mod:`~daemon.uploads` and :mod:`~daemon.appender` (receiving, resumable),
-  :mod:`~daemon.filesend` and :mod:`~daemon.transfer` (sending), :mod:`~daemon.images`
-  (profile images).
+* Files: :mod:`~daemon.filemodels` (UploadSession, FileInfo), :mod:`~daemon.upload_sessions`
+  (peers opening sessions), :mod:`~daemon.uploads` and :mod:`~daemon.appender` (receiving,
+  resumable), :mod:`~daemon.filesend` and :mod:`~daemon.transfer` (sending),
+  :mod:`~daemon.images` (profile images).
+* Delivery to peers: :mod:`~daemon.workers` (one worker per remote, for the outbox and the file
+  sender).
 """
 
 __version__ = "0.1.0"

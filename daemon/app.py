@@ -54,6 +54,7 @@ from daemon.remotes import Change, Remotes
 from daemon.routes import setup_routes
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
+from daemon.upload_sessions import UploadSessions
 from daemon.uploads import Uploads
 
 log = structlog.get_logger(__name__)
@@ -165,8 +166,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     heartbeat.subscribe(outbox.wake)
     store = FileStore(app[SETTINGS].config.data_dir)
     app[FILESTORE] = store
-    uploads = Uploads(app[SETTINGS], app[DATABASE], store, events, app[METRICS], inbound)
+    uploads = Uploads(app[SETTINGS], app[DATABASE], store, events, app[METRICS])
     app[UPLOADS] = uploads
+    UploadSessions(app[SETTINGS], app[DATABASE], store, app[METRICS], inbound, uploads)
     sender = FileSender(
         app[SETTINGS], app[DATABASE], store, remotes, app[PEERS], events, app[METRICS]
     )

@@ -36,15 +36,15 @@ from daemon import transfer
 from daemon.delivery import Retry, backoff_delay
 from daemon.errors import BadRequest, Conflict, PayloadTooLarge, PeerError
 from daemon.events import EventSink
+from daemon.filemodels import UploadSession, display_name
 from daemon.filestore import OUTGOING, FileStore
 from daemon.ids import is_valid_id, new_id
 from daemon.metrics import Metrics
-from daemon.models import Remote, UploadSession, now_ms
+from daemon.models import Remote, now_ms
 from daemon.peers import PeerClient
 from daemon.remotes import Remotes
 from daemon.settings import Settings
 from daemon.store import Database
-from daemon.uploads import display_name
 from daemon.workers import RemoteWorkers, Worker
 
 log = structlog.get_logger(__name__)

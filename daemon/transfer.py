@@ -26,8 +26,9 @@ import aiohttp
 import msgspec
 
 from daemon.delivery import Retry, frame_bytes, is_retryable, send_frame
+from daemon.filemodels import UploadSession
 from daemon.ids import new_id
-from daemon.models import UPLOAD_TOPIC, Remote, UploadSession, now_ms
+from daemon.models import UPLOAD_TOPIC, Remote, now_ms
 from daemon.peers import PeerClient
 
 UPLOAD_PATH = "api/v4/remotecluster/upload/"

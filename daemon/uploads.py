@@ -1,11 +1,6 @@
-"""Files peers send here: upload sessions, resumable appends streamed to disk, crash recovery.
+"""Files peers send here: resumable appends streamed to disk, completion, crash recovery.
 
-A peer opens a session with a ``sharedchannel_upload`` message carrying Mattermost's
-``UploadSession`` (the sender's session id and ``req_file_id`` are kept; the session is bound
-to that remote; ``file_size`` is checked against ``uploads.max_file_size`` and against the free
-disk space minus what open sessions may still write, which must stay above
-``uploads.min_free_bytes``). When a ``[[topics]]`` route for ``sharedchannel_upload`` exists,
-the local application approves (2xx) or refuses (4xx) each session first.
+Sessions are opened by :mod:`daemon.upload_sessions`; this module writes into them.
 
 Appends (``POST /api/v4/remotecluster/upload/{id}``) follow the durability rule *write, fsync,
 commit, answer*: the committed offset in SQLite never runs ahead of bytes on disk. Beyond
@@ -34,7 +29,6 @@ import contextlib
 import mimetypes
 import os
 import sqlite3
-import unicodedata
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +46,15 @@ from daemon.errors import (
     Unauthorized,
 )
 from daemon.events import EventSink
-from daemon.filestore import FILES, INCOMING, FileStore
-from daemon.ids import is_valid_id, new_id
-from daemon.inbound import Inbound
-from daemon.metrics import Metrics
-from daemon.models import (
-    UPLOAD_TOPIC,
-    Msg,
-    PeerResponse,
-    Remote,
-    UploadSession,
+from daemon.filemodels import (
+    Session,
+    display_name,
     file_info_json,
-    now_ms,
 )
+from daemon.filestore import FILES, INCOMING, FileStore
+from daemon.ids import is_valid_id
+from daemon.metrics import Metrics
+from daemon.models import Remote, now_ms
 from daemon.settings import Settings
 from daemon.store import Database
 
@@ -72,41 +62,7 @@ log = structlog.get_logger(__name__)
 
 RELEASE_TIMEOUT = 10.0
 JANITOR_PERIOD = 600.0
-NULL = msgspec.Raw(b"null")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """One row of ``uploads_in``."""
-
-    upload_id: str
-    remote_id: str
-    type: str
-    user_id: str
-    channel_id: str
-    filename: str
-    file_size: int
-    committed: int
-    req_file_id: str
-    create_at: int
-    expires_at: int
-    state: str
-    file_info: bytes | None
-    update_at: int
-
-    @property
-    def complete(self) -> bool:
-        """All bytes are in and the file is in place."""
-        return self.state == "complete"
-
-    def wire(self) -> UploadSession:
-        """The session as Mattermost sends it back to the peer."""
-        return UploadSession(
-            id=self.upload_id, type=self.type, create_at=self.create_at, user_id=self.user_id,
-            channel_id=self.channel_id, filename=self.filename, file_size=self.file_size,
-            file_offset=self.committed, remote_id=self.remote_id, req_file_id=self.req_file_id,
-        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,25 +80,6 @@ class _Writer:
     released: asyncio.Event
 
 
-def _refuse(reason: str) -> PeerResponse:
-    return PeerResponse(status="FAIL", err=reason, payload=NULL)
-
-
-def _accepted(session: Session) -> PeerResponse:
-    return PeerResponse(
-        status="OK", err="", payload=msgspec.Raw(msgspec.json.encode(session.wire()))
-    )
-
-
-def display_name(filename: str) -> str:
-    """The peer's filename as metadata only: NFC, base name, no control characters, ≤255 bytes."""
-    name = unicodedata.normalize("NFC", filename).replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C").strip()
-    while len(name.encode("utf-8")) > 255:
-        name = name[:-1]
-    return name if name not in ("", ".", "..") else "file"
-
-
 class Uploads:
     """Upload sessions opened by peers and the bytes they send."""
 
@@ -153,20 +90,17 @@ class Uploads:
         store: FileStore,
         events: EventSink,
         metrics: Metrics,
-        inbound: Inbound,
     ) -> None:
         self._settings = settings
         self._db = db
         self._store = store
         self._events = events
         self._metrics = metrics
-        self._inbound = inbound
         self._writers: dict[str, _Writer] = {}
         self._janitor: asyncio.Task[None] | None = None
         # Commits and completions that must finish even if their request is cancelled;
         # stop() waits for them, so the store never closes under one.
         self._finishing: set[asyncio.Future[Any]] = set()
-        inbound.register(UPLOAD_TOPIC, self.open_session)
 
     async def start(self) -> None:
         """Repair what a crash left, then start the janitor."""
@@ -212,73 +146,6 @@ class Uploads:
                 error_id="api.context.remote_id_mismatch.app_error",
             )
         return session
-
-    # --- opening a session (the built-in sharedchannel_upload topic) ----------------------
-
-    async def open_session(self, remote: Remote, msg: Msg) -> PeerResponse:  # noqa: PLR0911
-        """Create (or find again) the upload session a peer asks for."""
-        try:
-            us = msgspec.json.decode(bytes(msg.payload), type=UploadSession)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return _refuse("invalid upload session")
-        cfg = self._settings.config.uploads
-        if why := _check(us, cfg.max_file_size):
-            log.info("upload.refused", remote_id=remote.remote_id, upload_id=us.id[:64], reason=why)
-            return _refuse(why)
-        existing = await self.get(us.id)
-        if existing is not None:
-            if existing.remote_id != remote.remote_id:
-                return _refuse("the upload session id is already in use")
-            return PeerResponse(
-                status="OK", err="", payload=msgspec.Raw(msgspec.json.encode(existing.wire()))
-            )
-        route = self._inbound.route_for(UPLOAD_TOPIC, wildcard=False)
-        if route is not None:
-            approval = await self._inbound.forward(route, remote, msg)
-            if approval.status != "OK":
-                log.info(
-                    "upload.refused",
-                    remote_id=remote.remote_id,
-                    upload_id=us.id,
-                    reason=approval.err,
-                )
-                return approval
-        if why := await self._check_space(us.file_size):
-            log.warning("upload.refused", remote_id=remote.remote_id, upload_id=us.id, reason=why)
-            return _refuse(why)
-        now = now_ms()
-        session = Session(
-            upload_id=us.id, remote_id=remote.remote_id, type=us.type, user_id=us.user_id,
-            channel_id=us.channel_id, filename=us.filename, file_size=us.file_size, committed=0,
-            req_file_id=us.req_file_id or new_id(), create_at=now,
-            expires_at=now + int(cfg.session_ttl * 1000), state="receiving", file_info=None,
-            update_at=now,
-        )  # fmt: skip
-        columns, marks = ", ".join(Session.__slots__), ", ".join("?" * len(Session.__slots__))
-        await self._db.execute(
-            f"INSERT INTO uploads_in ({columns}) VALUES ({marks})",  # noqa: S608
-            [getattr(session, c) for c in Session.__slots__],
-        )
-        self._metrics.upload_sessions.labels("opened").inc()
-        log.info(
-            "upload.opened",
-            remote_id=remote.remote_id,
-            upload_id=session.upload_id,
-            file_size=session.file_size,
-        )
-        return PeerResponse(
-            status="OK", err="", payload=msgspec.Raw(msgspec.json.encode(session.wire()))
-        )
-
-    async def _check_space(self, file_size: int) -> str:
-        outstanding = await self._db.scalar(
-            "SELECT coalesce(sum(file_size - committed), 0) FROM uploads_in "
-            "WHERE state = 'receiving'"
-        )
-        free = await asyncio.to_thread(self._store.free_bytes)
-        if free - outstanding - file_size < self._settings.config.uploads.min_free_bytes:
-            return "not enough disk space for this upload"
-        return ""
 
     # --- appending ------------------------------------------------------------------------
 
@@ -481,24 +348,6 @@ class Uploads:
             "DELETE FROM uploads_in WHERE state = 'complete' AND update_at < ?", (now - keep_ms,)
         )
         return len(rows)
-
-
-def _check(us: UploadSession, max_file_size: int) -> str:
-    """Mattermost's ``UploadSession.IsValid`` for attachments, plus the size limit."""
-    problems = (
-        (not is_valid_id(us.id), "invalid upload session id"),
-        (us.type != "attachment", "only attachment uploads are accepted"),
-        (us.user_id != "nouser" and not is_valid_id(us.user_id), "invalid user_id"),
-        (not is_valid_id(us.channel_id), "invalid channel_id"),
-        (bool(us.req_file_id) and not is_valid_id(us.req_file_id), "invalid req_file_id"),
-        (not us.filename, "missing filename"),
-        (us.file_size <= 0, "invalid file_size"),
-        (
-            us.file_size > max_file_size,
-            f"upload too large: {us.file_size} bytes, the limit is {max_file_size}",
-        ),
-    )
-    return next((why for failed, why in problems if failed), "")
 
 
 def _offset_conflict(committed: int) -> Conflict:
