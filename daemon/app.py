@@ -166,7 +166,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     heartbeat.subscribe(outbox.wake)
     store = FileStore(app[SETTINGS].config.data_dir)
     app[FILESTORE] = store
-    uploads = Uploads(app[SETTINGS], app[DATABASE], store, events, app[METRICS])
+    uploads = Uploads(app[SETTINGS], app[DATABASE], store, remotes, events, app[METRICS])
     app[UPLOADS] = uploads
     UploadSessions(app[SETTINGS], app[DATABASE], store, app[METRICS], inbound, uploads)
     sender = FileSender(

@@ -45,7 +45,7 @@ class EventSink:
         if remote is not None:
             event["remote_id"] = remote.remote_id
             event["remote_name"] = remote.name
-        event.update(fields)
+        event.update(fields)  # may name a remote_id when the remote record is gone
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:

@@ -55,6 +55,7 @@ from daemon.filestore import FILES, INCOMING, FileStore
 from daemon.ids import is_valid_id
 from daemon.metrics import Metrics
 from daemon.models import Remote, now_ms
+from daemon.remotes import Remotes
 from daemon.settings import Settings
 from daemon.store import Database
 
@@ -88,12 +89,14 @@ class Uploads:
         settings: Settings,
         db: Database,
         store: FileStore,
+        remotes: Remotes,
         events: EventSink,
         metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._db = db
         self._store = store
+        self._remotes = remotes
         self._events = events
         self._metrics = metrics
         self._writers: dict[str, _Writer] = {}
@@ -279,9 +282,10 @@ class Uploads:
                 file_id=session.req_file_id,
                 size=session.file_size,
             )
+            remote = self._remotes.get(session.remote_id)
             self._events.emit(
                 "file.received",
-                None,
+                remote,
                 remote_id=session.remote_id,
                 upload_id=session.upload_id,
                 file_info=msgspec.Raw(info),
