@@ -26,6 +26,7 @@ the application).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import sqlite3
 from dataclasses import dataclass
@@ -185,14 +186,7 @@ class Outbox:
         )
         if row is None:
             raise NotFound("Message not found.", error_id="api.remote_cluster.msg_not_found")
-        doc = {
-            "id": row["msg_id"],
-            "topic": row["topic"],
-            "state": row["state"],
-            "attempts": row["attempts"],
-            "response": row["response"],
-            "last_error": row["last_error"],
-        }
+        doc = {"id": row["msg_id"]} | {k: row[k] for k in row.keys()[1:]}
         doc.update(self._pending.get(msg_id, {}))
         response = doc["response"]
         doc["response"] = msgspec.Raw(response) if response else None
@@ -205,12 +199,10 @@ class Outbox:
             "WHERE remote_id = ? AND (? = '' OR state = ?) ORDER BY seq DESC LIMIT ?",
             (remote_id, state, state, limit),
         )
-        docs = [dict(row) for row in rows]
+        docs = [{"id": row["msg_id"]} | {k: row[k] for k in row.keys()[1:]} for row in rows]
         for doc in docs:
-            doc["id"] = doc.pop("msg_id")
-            doc.update(
-                {k: v for k, v in self._pending.get(doc["id"], {}).items() if k != "response"}
-            )
+            doc.update(self._pending.get(doc["id"], {}))
+            doc.pop("response", None)
         return docs
 
     async def retry(self, remote: Remote, msg_id: str) -> dict[str, Any]:
@@ -293,38 +285,37 @@ class Outbox:
             except Retry as exc:
                 self._retry(remote, message, exc)
                 continue
-            self._finish(worker, message, state, response)
+            self._finish(worker, remote, message, state, response)
             return
 
     def _retry(self, remote: Remote, message: _Message, exc: Retry) -> None:
         cfg = self._settings.config.outbox
-        reason = exc.reason
         delay = backoff_delay(message.attempts, cfg.retry_base, cfg.retry_max, self._rng)
         if exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, cfg.retry_max))
         message.next_attempt_at = now_ms() + int(delay * 1000)
-        message.last_error = reason
+        message.last_error = exc.reason
         self._metrics.outbox_attempts.labels("retry").inc()
         log.log(
-            30 if message.attempts == 1 else 20,
+            logging.WARNING if message.attempts == 1 else logging.INFO,
             "msg.retry",
             remote_id=remote.remote_id,
             remote_name=remote.name,
             msg_id=message.msg_id,
             attempts=message.attempts,
-            reason=reason,
+            reason=exc.reason,
             retry_in_s=round(delay, 3),
         )
         self._record(
             message.msg_id,
             "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, update_at = ? "
             "WHERE seq = ?",
-            (message.attempts, message.next_attempt_at, reason, now_ms(), message.seq),
-            {"attempts": message.attempts, "last_error": reason},
+            (message.attempts, message.next_attempt_at, exc.reason, now_ms(), message.seq),
+            {"attempts": message.attempts, "last_error": exc.reason},
         )
 
     def _finish(
-        self, worker: Worker, message: _Message, state: str, response: PeerResponse
+        self, worker: Worker, remote: Remote, message: _Message, state: str, response: PeerResponse
     ) -> None:
         last_error = response.err if state == "rejected" else ""
         raw = msgspec.json.encode(response)
@@ -333,7 +324,11 @@ class Outbox:
         self._metrics.outbox_messages.labels(state).inc()
         if state == "rejected":
             log.warning(
-                "msg.rejected", remote_id=worker.remote_id, msg_id=message.msg_id, err=last_error
+                "msg.rejected",
+                remote_id=remote.remote_id,
+                remote_name=remote.name,
+                msg_id=message.msg_id,
+                err=last_error,
             )
         self._record(
             message.msg_id,
