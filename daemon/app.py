@@ -181,6 +181,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     heartbeat.start()
     lag = asyncio.create_task(app[METRICS].watch_loop_lag(), name="metrics.loop_lag")
     yield
+    await app[LINKS].stop()  # first: a confirmation it finishes starts a ping loop
     lag.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await lag

@@ -67,13 +67,23 @@ class Appender:
         self.offset += size
 
     async def _settle(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                await pending
-            except OSError as exc:
-                self._failure, self.offset = exc, self.committed
-                raise
+        """Wait for the block being written.
+
+        The write is shielded: a cancelled request must not cancel a write the thread pool
+        may be running (or drop one it has not started while ``offset`` already counts it).
+        It stays pending, and :meth:`close` waits for it before committing or closing.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            await asyncio.shield(pending)
+        except OSError as exc:
+            self._failure, self.offset = exc, self.committed
+            raise
+        finally:
+            if pending.done():
+                self._pending = None
 
     async def commit(self) -> None:
         """Write what is buffered, fsync, and record the offset."""
@@ -86,7 +96,11 @@ class Appender:
             self.committed = self.offset
 
     async def close(self) -> int:
-        """Commit what arrived and close the file; return the committed offset."""
+        """Commit what arrived and close the file; return the committed offset.
+
+        Run it to its end (shielded from the request's cancellation): the descriptor is
+        closed only once no write is in flight.
+        """
         try:
             if self._failure is None:
                 try:
@@ -94,6 +108,8 @@ class Appender:
                 except OSError as exc:
                     self._failure = self._failure or exc
         finally:
+            if self._pending is not None:  # only after a failure; wait before closing the fd
+                await asyncio.gather(self._pending, return_exceptions=True)
             await self._store.close(self._fd)
         if self._failure is not None:
             log.error("upload.write_failed", upload_id=self._name, error=str(self._failure),

@@ -214,6 +214,7 @@ def check_http_url(url: str) -> str | None:
     """Return why ``url`` is not an absolute http(s) URL, or ``None`` when it is."""
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
     except ValueError as exc:
         return str(exc)
     if parts.scheme not in ("http", "https"):

@@ -21,7 +21,7 @@ import msgspec
 
 from daemon.errors import PeerError
 from daemon.httplite import Reply
-from daemon.models import Frame, Msg, PeerResponse, Remote
+from daemon.models import Frame, Msg, PeerResponse, Remote, parse_decimal
 from daemon.peers import MSG_PATH, PeerClient
 
 RETRYABLE_4XX = frozenset({401, 403, 408, 425, 429})
@@ -65,8 +65,8 @@ def judge(reply: Reply) -> tuple[str, PeerResponse]:
         err = answer.err or f"status {answer.status!r}"
         return "rejected", PeerResponse(status=answer.status, err=err, payload=answer.payload)
     if is_retryable(reply.status):
-        retry_after = reply.headers.get("Retry-After", "")
-        raise Retry(f"http_{reply.status}", float(retry_after) if retry_after.isdigit() else None)
+        retry_after = parse_decimal(reply.headers.get("Retry-After", ""))
+        raise Retry(f"http_{reply.status}", None if retry_after is None else float(retry_after))
     return "rejected", PeerResponse(
         status="FAIL", err=f"the peer refused the frame: HTTP {reply.status}"
     )

@@ -122,6 +122,14 @@ class Conflict(AppError):
     default_message = "The request conflicts with the current state."
 
 
+class RequestTimeout(AppError):
+    """The client did not send its body in time (408)."""
+
+    status = 408
+    default_id = "api.context.request_timeout.app_error"
+    default_message = "The request body did not arrive in time."
+
+
 class PayloadTooLarge(AppError):
     """The body is larger than allowed (413)."""
 

@@ -18,7 +18,12 @@ There is no cap on a transfer's total time (Mattermost gives a whole file one mi
 transfer that makes no progress for ``uploads.progress_timeout`` seconds is cut and retried.
 Retries follow the ``[outbox]`` policy (full-jitter backoff, ``max_attempts``, ``max_age``);
 a peer back online is retried at once. Final states send ``file.sent``, ``file.rejected`` or
-``file.dead`` events. The local copy is removed once the file is sent or rejected.
+``file.dead`` events.
+
+The local copy is removed once the file is sent or rejected. A dead file keeps it, so that
+``POST …/files/{file_id}/retry`` can send it again (from the start, on a fresh session), until
+its row is pruned ``outbox.keep_done`` seconds later; a deleted remote's files are dead at once
+and their copies removed, since they can never be sent.
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ import structlog
 
 from daemon import transfer
 from daemon.delivery import Retry, backoff_delay
-from daemon.errors import BadRequest, Conflict, PayloadTooLarge, PeerError
+from daemon.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    PeerError,
+)
 from daemon.events import EventSink
 from daemon.filemodels import UploadSession, display_name
 from daemon.filestore import OUTGOING, FileStore
@@ -42,14 +53,15 @@ from daemon.ids import is_valid_id, new_id
 from daemon.metrics import Metrics
 from daemon.models import Remote, now_ms
 from daemon.peers import PeerClient
-from daemon.remotes import Remotes
+from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database
+from daemon.tasks import background
 from daemon.workers import RemoteWorkers, Worker
 
 log = structlog.get_logger(__name__)
 
-READ_BLOCK = 1024 * 1024
+JANITOR_PERIOD = 3600.0
 NO_CHANNEL = "nochannelnochannelnochanne"  # a valid id for files sent without a channel
 
 
@@ -77,6 +89,8 @@ class FileSender:
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._workers = RemoteWorkers("files", self._run)
+        self._janitor: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Resume what was being sent."""
@@ -85,12 +99,20 @@ class FileSender:
         )
         for row in rows:
             remote = self._remotes.get(row["remote_id"])
-            if remote is not None and not remote.is_deleted:
+            if remote is None or remote.is_deleted:
+                await self._bury_all(row["remote_id"])
+            else:
                 self._workers.ensure(row["remote_id"])
         self._remotes.subscribe(self._workers.on_change)
+        self._remotes.subscribe(self._bury_deleted)
+        self._janitor = asyncio.create_task(self._prune_forever(), name="files.janitor")
 
     async def stop(self) -> None:
         """Stop every worker; transfers resume at the next start."""
+        tasks = [*self._background, *([self._janitor] if self._janitor else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._workers.stop()
 
     def wake(self, remote: Remote, online: bool) -> None:
@@ -128,7 +150,12 @@ class FileSender:
         ):
             raise Conflict("This file id was already sent to this remote.")
         upload_id = new_id()
-        size = await self._save(upload_id, chunks, limit)
+        size = await self._store.save(
+            self._store.path(OUTGOING, upload_id),
+            chunks,
+            limit=limit,
+            progress_timeout=self._settings.config.uploads.progress_timeout,
+        )
         now = now_ms()
         try:
             await self._db.execute(
@@ -144,36 +171,6 @@ class FileSender:
         log.info("file.queued", remote_id=remote.remote_id, file_id=file_id, upload_id=upload_id,
                  size=size)  # fmt: skip
         return {"file_id": file_id, "upload_id": upload_id, "state": "queued"}
-
-    async def _save(self, upload_id: str, chunks: AsyncIterator[bytes], limit: int) -> int:
-        part = self._store.path(OUTGOING, upload_id, suffix=".part")
-        fd = await self._store.open_for_write(part)
-        try:
-            size = await self._copy(fd, chunks, limit)
-        except BaseException:
-            await self._store.close(fd)
-            await self._store.remove(part)
-            raise
-        await self._store.close(fd)
-        await self._store.complete(part, self._store.path(OUTGOING, upload_id))
-        return size
-
-    async def _copy(self, fd: int, chunks: AsyncIterator[bytes], limit: int) -> int:
-        """Write the request body to ``fd`` in large blocks; refuse empty or oversized bodies."""
-        size, block = 0, bytearray()
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(detail=f"files are limited to {limit} bytes")
-            block += chunk
-            if len(block) >= READ_BLOCK * 4:
-                await self._store.pwrite(fd, bytes(block), size - len(block))
-                block.clear()
-        if block:
-            await self._store.pwrite(fd, bytes(block), size - len(block))
-        if size == 0:
-            raise BadRequest("The file is empty.")
-        return size
 
     async def status(self, remote_id: str, file_id: str) -> dict[str, Any] | None:
         """The file's state for the status endpoint."""
@@ -192,6 +189,68 @@ class FileSender:
             "file_info": msgspec.Raw(info) if info else None,
             "last_error": row["last_error"],
         }
+
+    async def retry(self, remote: Remote, file_id: str) -> dict[str, Any]:
+        """Queue a dead file again: fresh attempts, a fresh session, behind what is queued."""
+        now = now_ms()
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                "SELECT upload_id, state FROM uploads_out WHERE remote_id = ? AND file_id = ?",
+                (remote.remote_id, file_id),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFound("File not found.", error_id="api.remote_cluster.file_not_found")
+            if row["state"] != "dead":
+                raise Conflict("Only dead files can be retried.")
+            await conn.execute(
+                "UPDATE uploads_out SET state = 'queued', attempts = 0, next_attempt_at = 0, "
+                "last_error = '', session_id = ?, session_created = 0, sent = 0, create_at = ?, "
+                "update_at = ? WHERE upload_id = ?",
+                (new_id(), now, now, row["upload_id"]),
+            )
+        self._workers.ensure(remote.remote_id).work.set()
+        log.info("file.retried", remote_id=remote.remote_id, remote_name=remote.name,
+                 file_id=file_id, upload_id=row["upload_id"])  # fmt: skip
+        return {"file_id": file_id, "upload_id": row["upload_id"], "state": "queued"}
+
+    def _bury_deleted(self, change: Change, remote: Remote) -> None:
+        if change is Change.DELETED:
+            task = background(self._bury_all(remote.remote_id), name="files.bury")
+            self._background.add(task)  # a reference until it finishes; awaited at stop
+            task.add_done_callback(self._background.discard)
+
+    async def _bury_all(self, remote_id: str) -> None:
+        """A deleted remote's unsent files are dead, and their copies go."""
+        reason = "the remote was deleted"
+        rows = await self._db.fetchall(
+            "UPDATE uploads_out SET state = 'dead', last_error = ?, update_at = ? "
+            "WHERE remote_id = ? AND state IN ('queued', 'sending', 'dead') RETURNING upload_id",
+            (reason, now_ms(), remote_id),
+        )
+        for row in rows:
+            await self._store.remove(self._store.path(OUTGOING, row["upload_id"]))
+        if rows:
+            log.warning("file.dead", remote_id=remote_id, files=len(rows), last_error=reason)
+
+    async def _prune_forever(self) -> None:
+        """Forget finished files after ``outbox.keep_done`` seconds (dead ones' copies too)."""
+        while True:
+            await asyncio.sleep(JANITOR_PERIOD)
+            cutoff = now_ms() - int(self._settings.config.outbox.keep_done * 1000)
+            try:
+                rows = await self._db.fetchall(
+                    "DELETE FROM uploads_out WHERE state IN ('completed', 'rejected', 'dead') "
+                    "AND update_at < ? RETURNING upload_id",
+                    (cutoff,),
+                )
+                for row in rows:
+                    await self._store.remove(self._store.path(OUTGOING, row["upload_id"]))
+            except (sqlite3.Error, OSError):
+                log.exception("files.prune_failed")
+                continue
+            if rows:
+                log.info("files.pruned", removed=len(rows))
 
     # --- sending ---------------------------------------------------------------------------
 

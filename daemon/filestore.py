@@ -14,14 +14,19 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from daemon.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from daemon.ids import is_valid_id
 
 INCOMING = "incoming"
 FILES = "files"
 OUTGOING = "outgoing"
 IMAGES = "images"
+
+SAVE_BLOCK = 4 * 1024 * 1024
 
 
 class FileStore:
@@ -120,17 +125,68 @@ class FileStore:
         """Atomically move a finished file into place (fsync, rename, fsync the folder)."""
         await asyncio.to_thread(self._complete, source, target)
 
+    async def save(
+        self, path: Path, chunks: AsyncIterator[bytes], *, limit: int, progress_timeout: float
+    ) -> int:
+        """Stream a whole request body to ``path`` (atomically, durably); return its size.
+
+        413 past ``limit`` bytes, 408 after ``progress_timeout`` seconds without data, 400
+        when empty; nothing is left behind then.
+        """
+        part = path.with_name(path.name + ".part")
+        fd = await self.open_for_write(part)
+        try:
+            size = await self._copy(fd, chunks, limit, progress_timeout)
+        except BaseException:
+            await self.close(fd)
+            await self.remove(part)
+            raise
+        await self.close(fd)
+        await self.complete(part, path)
+        return size
+
+    async def _copy(
+        self, fd: int, chunks: AsyncIterator[bytes], limit: int, progress_timeout: float
+    ) -> int:
+        size, block = 0, bytearray()
+        iterator = aiter(chunks)
+        while True:
+            try:
+                async with asyncio.timeout(progress_timeout):
+                    chunk = await anext(iterator)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise RequestTimeout(detail=f"no data for {progress_timeout:g}s") from None
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(detail=f"files are limited to {limit} bytes")
+            block += chunk
+            if len(block) >= SAVE_BLOCK:  # large writes, each in a thread
+                await self.pwrite(fd, bytes(block), size - len(block))
+                block.clear()
+        if block:
+            await self.pwrite(fd, bytes(block), size - len(block))
+        if size == 0:
+            raise BadRequest("The file is empty.")
+        return size
+
     @staticmethod
     def _write_atomic(path: Path, data: bytes) -> None:
-        temp = path.with_name(path.name + ".tmp")
-        fd = FileStore._open_for_write(temp)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A temporary file of its own (O_EXCL, mode 0600): two writers of the same path never
+        # share one, and the last rename wins with a whole file.
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.ftruncate(fd, 0)
-            FileStore._pwrite_all(fd, data, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
+            try:
+                FileStore._pwrite_all(fd, data, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
         _fsync_dir(path.parent)
 
     async def write_atomic(self, path: Path, data: bytes) -> None:

@@ -94,6 +94,7 @@ class Heartbeat:
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._peers_by_id: dict[str, _Peer] = {}
+        self._retired: set[asyncio.Task[None]] = set()  # loops of deleted remotes
         self._listeners: list[LivenessListener] = []
         self._urgent_flush = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -120,6 +121,7 @@ class Heartbeat:
             if peer.deadline is not None:
                 peer.deadline.cancel()
         tasks = [p.task for p in self._peers_by_id.values() if p.task is not None]
+        tasks += self._retired
         if self._flusher is not None:
             tasks.append(self._flusher)
         for task in tasks:
@@ -154,6 +156,8 @@ class Heartbeat:
             gone = self._peers_by_id.pop(remote.remote_id, None)
             if gone is not None and gone.task is not None:
                 gone.task.cancel()
+                self._retired.add(gone.task)  # awaited at stop
+                gone.task.add_done_callback(self._retired.discard)
             if gone is not None and gone.deadline is not None:
                 gone.deadline.cancel()
 

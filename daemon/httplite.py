@@ -96,7 +96,11 @@ class LiteClient:
         """POST ``body`` as JSON to ``url`` and return the answer, whatever its status."""
         target = self._targets.get(url)
         if target is None:
-            target = self._targets[url] = _target(url)
+            try:
+                target = _target(url)
+            except ValueError as exc:
+                raise PeerError("bad_url", str(exc)) from None
+            self._targets[url] = target
         lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         request = (
             f"POST {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
@@ -180,10 +184,18 @@ async def _read_answer(reader: asyncio.StreamReader, max_answer: int) -> tuple[R
         _check_size(int(length), max_answer)
         body = await reader.readexactly(int(length))
     else:
-        body = await reader.read(max_answer + 1)  # delimited by the connection's end
-        _check_size(len(body), max_answer)
+        body = await _read_to_end(reader, max_answer)
         keep_alive = False
     return Reply(status, CIMultiDictProxy(headers), body), keep_alive
+
+
+async def _read_to_end(reader: asyncio.StreamReader, max_answer: int) -> bytes:
+    """A body delimited by the connection's end (HTTP/1.0 style), however it is split."""
+    body = bytearray()
+    while chunk := await reader.read(65536):
+        body += chunk
+        _check_size(len(body), max_answer)
+    return bytes(body)
 
 
 def _check_size(size: int, max_answer: int) -> None:

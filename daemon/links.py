@@ -57,6 +57,7 @@ from daemon.models import (
 from daemon.peers import CONFIRM_INVITE_PATH, PeerClient
 from daemon.remotes import AlreadyExists, Remotes
 from daemon.settings import Settings
+from daemon.tasks import Unstoppable
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +69,11 @@ class LinkService:
         self._settings = settings
         self._remotes = remotes
         self._peers = peers
+        self._finishing = Unstoppable()
+
+    async def stop(self) -> None:
+        """Wait for accepts whose confirmation is still under way."""
+        await self._finishing.wait()
 
     def _existing(self, remote_id: str) -> Remote:
         remote = self._remotes.get(remote_id)
@@ -188,30 +194,12 @@ class LinkService:
             refreshed_token="" if legacy else refreshed,
             version=invites.INVITE_VERSION,
         )
-        try:
-            await self._send_confirm(site_url, invite.remote_id, invite.token, confirm)
-        except BaseException as exc:
-            # Leave nothing half-made: the operator may retry the same invite at once.
-            with contextlib.suppress(Exception):
-                await self._remotes.remove(invite.remote_id)
-            if isinstance(exc, PeerError):
-                log.warning(
-                    "remote.accept_failed",
-                    remote_id=invite.remote_id,
-                    remote_name=name,
-                    site_url=site_url,
-                    reason=exc.reason,
-                    detail=exc.detail,
-                )
-                raise BadGateway(
-                    "The inviting server did not confirm the invite.",
-                    error_id="api.remote_cluster.accept_invitation_error",
-                    detail=str(exc),
-                ) from None
-            raise
-        linked = await self._remotes.finish_accept(invite.remote_id)
-        _log_confirmed(linked, "accepter")
-        return linked
+        # Once the confirm frame is out, the inviter may rotate its tokens at any moment: the
+        # rest must run to its end even if the operator's request is cancelled meanwhile, or
+        # this side would drop a link the other side keeps.
+        return await self._finishing.run(
+            self._confirm(invite.remote_id, name, site_url, invite.token, confirm)
+        )
 
     async def _decrypt(self, invite_code: str, password: str) -> InvitePayload:
         try:
@@ -238,6 +226,37 @@ class LinkService:
                 error_id="api.remote_cluster.invalid_invite.app_error",
             )
         return invite
+
+    async def _confirm(
+        self, remote_id: str, name: str, site_url: str, invite_token: str, confirm: InvitePayload
+    ) -> Remote:
+        """Send the confirm frame; finish the accepted remote, or remove it when that fails."""
+        try:
+            await self._send_confirm(site_url, remote_id, invite_token, confirm)
+        except BaseException as exc:
+            # Leave nothing half-made: the operator may retry the same invite at once.
+            with contextlib.suppress(Exception):
+                await self._remotes.remove(remote_id)
+            if isinstance(exc, PeerError):
+                log.warning(
+                    "remote.accept_failed",
+                    remote_id=remote_id,
+                    remote_name=name,
+                    site_url=site_url,
+                    reason=exc.reason,
+                    detail=exc.detail,
+                )
+                raise BadGateway(
+                    "The inviting server did not confirm the invite.",
+                    error_id="api.remote_cluster.accept_invitation_error",
+                    detail=str(exc),
+                ) from None
+            raise
+        linked = await self._remotes.finish_accept(remote_id)
+        if linked is None:  # deleted by an operator while the confirmation was under way
+            raise _not_found()
+        _log_confirmed(linked, "accepter")
+        return linked
 
     async def _send_confirm(
         self, site_url: str, remote_id: str, invite_token: str, confirm: InvitePayload
@@ -322,6 +341,8 @@ class LinkService:
         if not changes:
             return remote
         updated = await self._remotes.update(remote_id, **changes)
+        if updated is None:  # deleted while this request waited for the store
+            raise _not_found()
         log.info(
             "remote.updated", remote_id=remote_id, remote_name=remote.name, fields=sorted(changes)
         )

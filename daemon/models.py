@@ -37,6 +37,15 @@ _NAME_RE = re.compile(r"[a-zA-Z0-9.\-_]{1,64}")
 T = TypeVar("T")
 
 
+def parse_decimal(text: str) -> int | None:
+    """``text`` as a non-negative decimal integer, or ``None``.
+
+    ASCII digits only: ``str.isdigit`` also accepts digits such as ``"²"`` that ``int``
+    refuses, which would turn a bad header or query parameter into a 500.
+    """
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def now_ms() -> int:
     """Return the wall clock in epoch milliseconds (Mattermost's ``GetMillis``)."""
     return time.time_ns() // 1_000_000

@@ -178,15 +178,21 @@ class Remotes:
             raise AlreadyExists(remote.remote_id) from None
         self._by_id[remote.remote_id] = remote
 
-    async def update(self, remote_id: str, **changes: object) -> Remote:
-        """Change some columns of an existing remote and return the new record."""
-        current = self._by_id[remote_id]
-        updated = dataclasses.replace(current, **changes)  # type: ignore[arg-type]
+    async def update(self, remote_id: str, **changes: object) -> Remote | None:
+        """Change some columns of a remote that is not deleted; ``None`` if it is (or is gone).
+
+        The in-memory record is read again after the write: whatever changed it meanwhile
+        (a deletion, a ping) must not be overwritten by a copy taken before.
+        """
         assignments = ", ".join(f"{name} = ?" for name in changes)
-        await self._db.execute(
-            f"UPDATE remote_clusters SET {assignments} WHERE remote_id = ?",  # noqa: S608
-            [*(getattr(updated, name) for name in changes), remote_id],
+        changed = await self._db.execute(
+            f"UPDATE remote_clusters SET {assignments} WHERE remote_id = ? AND delete_at = 0",  # noqa: S608
+            [*changes.values(), remote_id],
         )
+        current = self._by_id.get(remote_id)
+        if changed != 1 or current is None:
+            return None
+        updated = dataclasses.replace(current, **changes)  # type: ignore[arg-type]
         self._by_id[remote_id] = updated
         return updated
 
@@ -235,10 +241,11 @@ class Remotes:
             )
         return changed == 1
 
-    async def finish_accept(self, remote_id: str) -> Remote:
-        """Mark an accepted remote as linked once the inviter confirmed it."""
+    async def finish_accept(self, remote_id: str) -> Remote | None:
+        """Mark an accepted remote as linked once the inviter confirmed it (``None``: deleted)."""
         remote = await self.update(remote_id, accepting=False)
-        self._notify(Change.CONFIRMED, remote)
+        if remote is not None:
+            self._notify(Change.CONFIRMED, remote)
         return remote
 
     async def remove(self, remote_id: str) -> None:

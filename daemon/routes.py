@@ -60,6 +60,13 @@ ROUTES: tuple[tuple[str, str, Handler, Policy, str], ...] = (
     # Extension: files for peers.
     ("POST", f"{API}/{{remote_id}}/files", files.send_file, MANAGE, "files.send"),
     ("GET", f"{API}/{{remote_id}}/files/{{file_id}}", files.file_status, MANAGE, "files.status"),
+    (
+        "POST",
+        f"{API}/{{remote_id}}/files/{{file_id}}/retry",
+        files.retry_file,
+        MANAGE,
+        "files.retry",
+    ),
     # Extension: which channels are shared with which remote (Mattermost's paths).
     (
         "POST",

@@ -28,7 +28,7 @@ import msgspec
 from daemon.delivery import Retry, frame_bytes, is_retryable, send_frame
 from daemon.filemodels import UploadSession
 from daemon.ids import new_id
-from daemon.models import UPLOAD_TOPIC, Remote, now_ms
+from daemon.models import UPLOAD_TOPIC, Remote, now_ms, parse_decimal
 from daemon.peers import PeerClient
 
 UPLOAD_PATH = "api/v4/remotecluster/upload/"
@@ -74,8 +74,9 @@ async def peer_offset(
         token=remote.remote_token,
         timeout=aiohttp.ClientTimeout(total=timeout),
     )
-    if reply.status == 200 and reply.headers.get("Upload-Offset", "").isdigit():
-        return int(reply.headers["Upload-Offset"])
+    offset = parse_decimal(reply.headers.get("Upload-Offset", ""))
+    if reply.status == 200 and offset is not None:
+        return offset
     if is_retryable(reply.status):
         raise Retry(f"asking the offset: HTTP {reply.status}")
     return None  # 404 (session gone) or 405 (a peer without resume): start over
@@ -121,8 +122,9 @@ async def send_bytes(
     reply = request.result()
     if reply.status == 200:
         return reply.body
-    if reply.status == 409 and reply.headers.get("Upload-Offset", "").isdigit():
-        raise OffsetMismatch(int(reply.headers["Upload-Offset"]))
+    current = parse_decimal(reply.headers.get("Upload-Offset", ""))
+    if reply.status == 409 and current is not None:
+        raise OffsetMismatch(current)
     if reply.status == 204:
         raise Retry("the peer wants more bytes")
     if reply.status == 404:

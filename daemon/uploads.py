@@ -29,10 +29,9 @@ import contextlib
 import mimetypes
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -58,12 +57,12 @@ from daemon.models import Remote, now_ms
 from daemon.remotes import Remotes
 from daemon.settings import Settings
 from daemon.store import Database
+from daemon.tasks import Unstoppable
 
 log = structlog.get_logger(__name__)
 
 RELEASE_TIMEOUT = 10.0
 JANITOR_PERIOD = 600.0
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +102,7 @@ class Uploads:
         self._janitor: asyncio.Task[None] | None = None
         # Commits and completions that must finish even if their request is cancelled;
         # stop() waits for them, so the store never closes under one.
-        self._finishing: set[asyncio.Future[Any]] = set()
+        self._finishing = Unstoppable()
 
     async def start(self) -> None:
         """Repair what a crash left, then start the janitor."""
@@ -116,14 +115,7 @@ class Uploads:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
-        await asyncio.gather(*self._finishing, return_exceptions=True)
-
-    async def _unstoppable(self, work: Awaitable[T]) -> T:
-        """Run ``work`` to its end even if the caller is cancelled (and tracked for stop())."""
-        future = asyncio.ensure_future(work)
-        self._finishing.add(future)
-        future.add_done_callback(self._finishing.discard)
-        return await asyncio.shield(future)
+        await self._finishing.wait()
 
     def part_path(self, session: Session) -> Path:
         """Where a session's bytes are written until it completes."""
@@ -171,7 +163,7 @@ class Uploads:
                 return AppendResult(current.committed, current.file_size, current.file_info)
             if current.committed == current.file_size:
                 # Every byte is in: finish a completion that was cut short.
-                info = await self._unstoppable(self._complete(current))
+                info = await self._finishing.run(self._complete(current))
                 return AppendResult(current.committed, current.file_size, info)
             remaining = current.file_size - current.committed
             if content_length is not None and content_length > remaining:
@@ -181,7 +173,7 @@ class Uploads:
                 )
             offset, overflow = await self._write(current, chunks)
             if offset == current.file_size:
-                info = await self._unstoppable(self._complete(current))
+                info = await self._finishing.run(self._complete(current))
                 return AppendResult(offset, current.file_size, info)
             if overflow:
                 raise PayloadTooLarge(
@@ -239,7 +231,7 @@ class Uploads:
             )
         finally:
             # Also on cancellation (client gone, a newer writer, shutdown): keep what arrived.
-            committed = await self._unstoppable(appender.close())
+            committed = await self._finishing.run(appender.close())
         return committed, overflow
 
     async def _lost_bytes(self, session: Session, fd: int) -> Conflict:

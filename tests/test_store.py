@@ -80,6 +80,42 @@ async def test_half_made_accept_is_removed_at_start(tmp_path: Path) -> None:
         await db.close()
 
 
+@pytest.mark.parametrize("delete_first", [True, False])
+async def test_concurrent_patch_and_delete_agree_with_the_store(
+    tmp_path: Path, delete_first: bool
+) -> None:
+    """Memory and disk agree however a patch and a deletion interleave; deleted stays deleted."""
+    db = await Database.open(tmp_path)
+    try:
+        remotes = Remotes(db)
+        await remotes.load()
+        rid, token = new_id(), new_id()
+        await remotes.add(
+            Remote(
+                remote_id=rid, name="a", display_name="a", site_url="http://x",
+                default_team_id="", create_at=now_ms(), creator_id=new_id(),
+                token_sha256=hash_token(token),
+            )
+        )  # fmt: skip
+        delete = lambda: remotes.soft_delete(rid)  # noqa: E731
+        patch = lambda: remotes.update(rid, display_name="b")  # noqa: E731
+        # Tasks start in creation order: the first takes the store's lock, the second waits.
+        first, second = (delete, patch) if delete_first else (patch, delete)
+        done = await asyncio.gather(asyncio.create_task(first()), asyncio.create_task(second()))
+        patched = done[1] if delete_first else done[0]
+        row = await db.fetchone(
+            "SELECT delete_at, display_name FROM remote_clusters WHERE remote_id = ?", (rid,)
+        )
+        assert row is not None and row["delete_at"] > 0
+        remote = remotes.get(rid)
+        assert remote is not None
+        assert (remote.delete_at, remote.display_name) == (row["delete_at"], row["display_name"])
+        assert (patched is None) == delete_first
+        assert remotes.authenticate(rid, token, allow_pending=False)[0] is None
+    finally:
+        await db.close()
+
+
 @pytest.mark.parametrize("steps", range(16))
 async def test_a_cancelled_transaction_never_leaves_one_open(tmp_path: Path, steps: int) -> None:
     """Cancelled at any point (also while BEGIN or COMMIT runs), the next transaction works."""

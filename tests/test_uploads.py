@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import os
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from daemon.filestore import FILES, IMAGES, INCOMING
+from daemon.appender import BLOCK, Appender, stream_into
+from daemon.filestore import FILES, IMAGES, INCOMING, FileStore
 from daemon.ids import hash_token, new_id
 from daemon.images import ImageError, inspect
 from daemon.keys import DATABASE, FILESTORE, UPLOADS
@@ -380,3 +384,47 @@ def test_image_inspection() -> None:
     bad_crc[30] ^= 0xFF
     with pytest.raises(ImageError, match="damaged"):
         inspect(bytes(bad_crc), 100)
+
+
+async def test_cancelled_append_never_records_bytes_not_on_disk(tmp_path: Path) -> None:
+    """A request cancelled while a block waits for the thread pool keeps that block.
+
+    The pool is filled with blocked jobs so that the first block's write is queued, not
+    running, when the second block arrives and the request is cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    loop.set_default_executor(pool)
+    store = FileStore(tmp_path)
+    path = tmp_path / "f.part"
+    fd = await store.open_for_write(path)
+    recorded: list[int] = []
+
+    async def record(offset: int, previous: int) -> None:
+        recorded.append(offset)
+
+    appender = Appender(store, fd, offset=0, record=record, name="f")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"A" * BLOCK
+        yield b"B" * BLOCK
+        await asyncio.Event().wait()
+
+    async def request() -> int:
+        try:
+            await stream_into(appender, body(), limit=4 * BLOCK, commit_every=4 * BLOCK,
+                              progress_timeout=60)  # fmt: skip
+        finally:
+            return await asyncio.shield(appender.close())  # noqa: B012
+
+    gate = threading.Event()
+    blockers = [loop.run_in_executor(None, gate.wait) for _ in range(2)]
+    task = asyncio.create_task(request())
+    await eventually(lambda: appender.received == 2 * BLOCK)  # now waiting for block one
+    task.cancel()
+    gate.set()
+    committed = await task
+    await asyncio.gather(*blockers)
+    data = path.read_bytes()
+    assert committed == recorded[-1] == len(data) == 2 * BLOCK
+    assert data == b"A" * BLOCK + b"B" * BLOCK

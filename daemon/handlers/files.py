@@ -15,16 +15,19 @@ Extension for local applications (operator token):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import structlog
 from aiohttp import BodyPartReader, web
 
-from daemon.errors import BadRequest, NotFound, PayloadTooLarge
+from daemon.errors import BadRequest, NotFound, PayloadTooLarge, RequestTimeout
 from daemon.filestore import IMAGES
-from daemon.handlers.common import json_response, path_id
+from daemon.handlers.common import json_response, linked_remote, path_id
 from daemon.images import ImageError, inspect
-from daemon.keys import EVENTS, FILE_SENDER, FILESTORE, REMOTE, REMOTES, SETTINGS, UPLOADS
+from daemon.keys import EVENTS, FILE_SENDER, FILESTORE, REMOTE, SETTINGS, UPLOADS
+from daemon.models import parse_decimal
 
 log = structlog.get_logger(__name__)
 
@@ -35,13 +38,27 @@ def _upload_offset(request: web.Request) -> int | None:
     value = request.headers.get("Upload-Offset")
     if value is None:
         return None
-    if not value.isdigit():
+    offset = parse_decimal(value)
+    if offset is None:
         raise BadRequest("Invalid Upload-Offset header.", detail="a non-negative integer")
-    return int(value)
+    return offset
+
+
+@contextlib.contextmanager
+def _multipart_errors() -> Iterator[None]:
+    """aiohttp's multipart reader raises ``ValueError`` on a malformed body: that is a 400."""
+    try:
+        yield
+    except ValueError as exc:
+        raise BadRequest("Malformed multipart body.", detail=str(exc)) from None
 
 
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(CHUNK):
+    while True:
+        with _multipart_errors():
+            chunk = await part.read_chunk(CHUNK)
+        if not chunk:
+            return
         yield chunk
 
 
@@ -51,7 +68,8 @@ async def upload(request: web.Request) -> web.Response:
     session = await uploads.owned(request[REMOTE], request.match_info["upload_id"])
     expected = _upload_offset(request)
     if request.content_type.startswith("multipart/"):
-        part = await (await request.multipart()).next()
+        with _multipart_errors():
+            part = await (await request.multipart()).next()
         if not isinstance(part, BodyPartReader):
             raise BadRequest("The multipart body has no file part.")
         result = await uploads.append(
@@ -93,12 +111,13 @@ async def profile_image(request: web.Request) -> web.Response:
         raise PayloadTooLarge(detail=f"profile images are limited to {limit} bytes")
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("Expected a multipart body with an image part.")
-    reader = await request.multipart()
     data = None
-    while (part := await reader.next()) is not None:
-        if isinstance(part, BodyPartReader) and part.name == "image":
-            data = await _read_capped(part, limit)
-            break
+    with _multipart_errors():
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if isinstance(part, BodyPartReader) and part.name == "image":
+                data = await _read_capped(part, limit, cfg.progress_timeout)
+                break
     if data is None:
         raise BadRequest(
             "Missing the image part.", error_id="api.user.upload_profile_user.no_file.app_error"
@@ -120,9 +139,16 @@ async def profile_image(request: web.Request) -> web.Response:
     return json_response({"status": "OK"})
 
 
-async def _read_capped(part: BodyPartReader, limit: int) -> bytes:
+async def _read_capped(part: BodyPartReader, limit: int, progress_timeout: float) -> bytes:
     data = bytearray()
-    while chunk := await part.read_chunk(CHUNK):
+    while True:
+        try:
+            async with asyncio.timeout(progress_timeout):
+                chunk = await part.read_chunk(CHUNK)
+        except TimeoutError:
+            raise RequestTimeout(detail=f"no data for {progress_timeout:g}s") from None
+        if not chunk:
+            break
         data += chunk
         if len(data) > limit:
             raise PayloadTooLarge(detail=f"profile images are limited to {limit} bytes")
@@ -131,9 +157,7 @@ async def _read_capped(part: BodyPartReader, limit: int) -> bytes:
 
 async def send_file(request: web.Request) -> web.Response:
     """Keep a local application's file and queue it for the peer (202)."""
-    remote = request.app[REMOTES].get(path_id(request, "remote_id"))
-    if remote is None or remote.is_deleted:
-        raise NotFound("Secure connection not found.", error_id="api.remote_cluster.get.not_found")
+    remote = linked_remote(request)
     query = request.query
     answer = await request.app[FILE_SENDER].accept(
         remote,
@@ -154,3 +178,10 @@ async def file_status(request: web.Request) -> web.Response:
     if status is None:
         raise NotFound("File not found.", error_id="api.remote_cluster.file_not_found")
     return json_response(status)
+
+
+async def retry_file(request: web.Request) -> web.Response:
+    """Queue a dead file again (202), from the start, behind what is queued now."""
+    remote = linked_remote(request)
+    answer = await request.app[FILE_SENDER].retry(remote, path_id(request, "file_id"))
+    return json_response(answer, status=202)

@@ -17,12 +17,11 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from daemon.errors import BadRequest, NotFound, ServiceUnavailable
-from daemon.handlers.common import int_param, json_response, path_id, read_json
+from daemon.errors import BadRequest, ServiceUnavailable
+from daemon.handlers.common import int_param, json_response, linked_remote, path_id, read_json
 from daemon.handlers.transport import read_frame
 from daemon.inbound import RESERVED_TOPICS, LocalUnavailable
-from daemon.keys import INBOUND, OUTBOX, REMOTE, REMOTES, SETTINGS
-from daemon.models import Remote
+from daemon.keys import INBOUND, OUTBOX, REMOTE, SETTINGS
 
 log = structlog.get_logger(__name__)
 
@@ -59,16 +58,9 @@ async def receive(request: web.Request) -> web.Response:
     return json_response(answer)
 
 
-def _linked(request: web.Request) -> Remote:
-    remote = request.app[REMOTES].get(path_id(request, "remote_id"))
-    if remote is None or remote.is_deleted:
-        raise NotFound("Secure connection not found.", error_id="api.remote_cluster.get.not_found")
-    return remote
-
-
 async def send(request: web.Request) -> web.Response:
     """``POST /api/v4/remotecluster/{remote_id}/msg``: queue a message for the peer (202)."""
-    remote = _linked(request)
+    remote = linked_remote(request)
     body = await read_json(request, SendRequest)
     topic = body.topic.strip()
     if not topic or len(topic) > TOPIC_MAX_LENGTH or topic in RESERVED_TOPICS:
@@ -94,7 +86,7 @@ STATES = frozenset({"", "queued", "delivered", "rejected", "dead"})
 
 async def list_messages(request: web.Request) -> web.Response:
     """``GET /api/v4/remotecluster/{remote_id}/msg``: recent messages, newest first."""
-    remote = _linked(request)
+    remote = linked_remote(request)
     state = request.query.get("state", "")
     if state not in STATES:
         raise BadRequest("Invalid state parameter.", detail="queued, delivered, rejected or dead")
@@ -104,6 +96,6 @@ async def list_messages(request: web.Request) -> web.Response:
 
 async def retry(request: web.Request) -> web.Response:
     """``POST /api/v4/remotecluster/{remote_id}/msg/{msg_id}/retry``."""
-    remote = _linked(request)
+    remote = linked_remote(request)
     answer = await request.app[OUTBOX].retry(remote, path_id(request, "msg_id"))
     return json_response(answer, status=202)
