@@ -56,7 +56,7 @@ from daemon.peers import PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database
-from daemon.tasks import background
+from daemon.tasks import background, periodic
 from daemon.workers import RemoteWorkers, Worker
 
 log = structlog.get_logger(__name__)
@@ -105,7 +105,7 @@ class FileSender:
                 self._workers.ensure(row["remote_id"])
         self._remotes.subscribe(self._workers.on_change)
         self._remotes.subscribe(self._bury_deleted)
-        self._janitor = asyncio.create_task(self._prune_forever(), name="files.janitor")
+        self._janitor = periodic(self.prune, JANITOR_PERIOD, name="files.prune")
 
     async def stop(self) -> None:
         """Stop every worker; transfers resume at the next start."""
@@ -233,24 +233,18 @@ class FileSender:
         if rows:
             log.warning("file.dead", remote_id=remote_id, files=len(rows), last_error=reason)
 
-    async def _prune_forever(self) -> None:
+    async def prune(self) -> None:
         """Forget finished files after ``outbox.keep_done`` seconds (dead ones' copies too)."""
-        while True:
-            await asyncio.sleep(JANITOR_PERIOD)
-            cutoff = now_ms() - int(self._settings.config.outbox.keep_done * 1000)
-            try:
-                rows = await self._db.fetchall(
-                    "DELETE FROM uploads_out WHERE state IN ('completed', 'rejected', 'dead') "
-                    "AND update_at < ? RETURNING upload_id",
-                    (cutoff,),
-                )
-                for row in rows:
-                    await self._store.remove(self._store.path(OUTGOING, row["upload_id"]))
-            except (sqlite3.Error, OSError):
-                log.exception("files.prune_failed")
-                continue
-            if rows:
-                log.info("files.pruned", removed=len(rows))
+        cutoff = now_ms() - int(self._settings.config.outbox.keep_done * 1000)
+        rows = await self._db.fetchall(
+            "DELETE FROM uploads_out WHERE state IN ('completed', 'rejected', 'dead') "
+            "AND update_at < ? RETURNING upload_id",
+            (cutoff,),
+        )
+        for row in rows:
+            await self._store.remove(self._store.path(OUTGOING, row["upload_id"]))
+        if rows:
+            log.info("files.pruned", removed=len(rows))
 
     # --- sending ---------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from daemon.httplite import LiteClient
 from daemon.models import INVITATION_TOPIC, PING_TOPIC, Msg, PeerResponse, Remote, now_ms
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
+from daemon.tasks import periodic
 
 log = structlog.get_logger(__name__)
 
@@ -95,7 +96,7 @@ class Inbound:
 
     def start(self) -> None:
         """Start the janitor that forgets answers older than the dedupe window."""
-        self._janitor = asyncio.create_task(self._prune_forever(), name="inbox.janitor")
+        self._janitor = periodic(self._prune, JANITOR_PERIOD, name="inbox.prune")
 
     async def stop(self) -> None:
         """Stop the janitor."""
@@ -181,19 +182,11 @@ class Inbound:
             return PeerResponse(status="FAIL", err=_reason(reply.status, reply.body), payload=NULL)
         raise LocalUnavailable(f"{route.name}: HTTP {reply.status}")
 
-    async def _prune_forever(self) -> None:
-        while True:
-            await asyncio.sleep(JANITOR_PERIOD)
-            cutoff = now_ms() - int(self._settings.config.inbox.dedupe_window * 1000)
-            try:
-                removed = await self._db.execute(
-                    "DELETE FROM inbox WHERE answered_at < ?", (cutoff,)
-                )
-            except Exception:
-                log.exception("inbox.prune_failed")
-                continue
-            if removed:
-                log.info("inbox.pruned", removed=removed)
+    async def _prune(self) -> None:
+        cutoff = now_ms() - int(self._settings.config.inbox.dedupe_window * 1000)
+        removed = await self._db.execute("DELETE FROM inbox WHERE answered_at < ?", (cutoff,))
+        if removed:
+            log.info("inbox.pruned", removed=removed)
 
 
 def _json_or_null(body: bytes, route: TopicConfig) -> msgspec.Raw:

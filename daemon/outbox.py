@@ -45,7 +45,7 @@ from daemon.peers import PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
-from daemon.tasks import background
+from daemon.tasks import background, periodic
 from daemon.workers import RemoteWorkers, Worker
 
 log = structlog.get_logger(__name__)
@@ -111,7 +111,7 @@ class Outbox:
         self._remotes.subscribe(self._workers.on_change)
         self._remotes.subscribe(self._bury_deleted)
         self._metrics.watch_outbox(self._depths)
-        self._janitor = asyncio.create_task(self._prune_forever(), name="outbox.janitor")
+        self._janitor = periodic(self._prune, JANITOR_PERIOD, name="outbox.prune")
 
     async def stop(self) -> None:
         """Stop every worker (what is queued stays queued)."""
@@ -385,16 +385,10 @@ class Outbox:
         if changed:
             log.warning("msg.dead", remote_id=remote_id, messages=changed, last_error=reason)
 
-    async def _prune_forever(self) -> None:
-        while True:
-            await asyncio.sleep(JANITOR_PERIOD)
-            cutoff = now_ms() - int(self._settings.config.outbox.keep_done * 1000)
-            try:
-                removed = await self._db.execute(
-                    "DELETE FROM outbox WHERE state != 'queued' AND update_at < ?", (cutoff,)
-                )
-            except sqlite3.Error:
-                log.exception("outbox.prune_failed")
-                continue
-            if removed:
-                log.info("outbox.pruned", removed=removed)
+    async def _prune(self) -> None:
+        cutoff = now_ms() - int(self._settings.config.outbox.keep_done * 1000)
+        removed = await self._db.execute(
+            "DELETE FROM outbox WHERE state != 'queued' AND update_at < ?", (cutoff,)
+        )
+        if removed:
+            log.info("outbox.pruned", removed=removed)

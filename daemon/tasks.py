@@ -5,6 +5,9 @@ outbox worker after the first message) would otherwise inherit that request's co
 and its request id would label every log line the worker writes for the rest of its life:
 :func:`background` starts it in a fresh context.
 
+Janitors (pruning old rows, expiring sessions) are :func:`periodic` tasks: one loop, one
+failure policy (log it, try again next round).
+
 Some steps of a request must not be cut in half when the request is cancelled (its client
 went away, a newer request took over, shutdown): committing an upload's bytes, finishing an
 accepted invite the peer has already confirmed. :class:`Unstoppable` runs those to their end.
@@ -14,8 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -23,6 +30,27 @@ T = TypeVar("T")
 def background(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
     """Start ``coro`` as a task in a fresh, empty context."""
     return asyncio.create_task(coro, name=name, context=contextvars.Context())
+
+
+def periodic(
+    work: Callable[[], Awaitable[object]], period: float, *, name: str, at_start: bool = False
+) -> asyncio.Task[None]:
+    """Run ``work()`` every ``period`` seconds (first at once when ``at_start``) until cancelled.
+
+    A round that fails is logged as ``<name>.failed``; the next round runs as planned.
+    """
+
+    async def loop() -> None:
+        if not at_start:
+            await asyncio.sleep(period)
+        while True:
+            try:
+                await work()
+            except Exception:
+                log.exception(f"{name}.failed")
+            await asyncio.sleep(period)
+
+    return background(loop(), name=name)
 
 
 class Unstoppable:

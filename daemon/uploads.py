@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import mimetypes
 import os
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ from daemon.models import Remote, now_ms
 from daemon.remotes import Remotes
 from daemon.settings import Settings
 from daemon.store import Database
-from daemon.tasks import Unstoppable
+from daemon.tasks import Unstoppable, periodic
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +106,7 @@ class Uploads:
     async def start(self) -> None:
         """Repair what a crash left, then start the janitor."""
         await self._recover()
-        self._janitor = asyncio.create_task(self._expire_forever(), name="uploads.janitor")
+        self._janitor = periodic(self.expire, JANITOR_PERIOD, name="uploads.expire", at_start=True)
 
     async def stop(self) -> None:
         """Stop the janitor; wait for the commits of appends the shutdown cut off."""
@@ -315,14 +314,6 @@ class Uploads:
                     to=size or 0,
                     was=session.committed,
                 )
-
-    async def _expire_forever(self) -> None:
-        while True:
-            try:
-                await self.expire()
-            except (sqlite3.Error, OSError):
-                log.exception("uploads.janitor_failed")
-            await asyncio.sleep(JANITOR_PERIOD)
 
     async def expire(self) -> int:
         """Remove unfinished sessions past their time, and old completed records."""

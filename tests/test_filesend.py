@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from daemon.filestore import FILES, OUTGOING
 from daemon.ids import new_id
-from daemon.keys import DATABASE, FILESTORE
+from daemon.keys import DATABASE, FILE_SENDER, FILESTORE
 from tests.conftest import AppClient
 from tests.fakes import Answer, FakePeer, FaultProxy, fake_peers, scripted_app
 from tests.helpers import API, Api, eventually
@@ -165,3 +165,59 @@ async def test_rejected_and_dead_files(app_client: AppClient) -> None:
         dead = await wait_state(api_of(a), rid, doomed["file_id"], "dead")
         assert dead["last_error"].startswith("unreachable")
         assert (await app.wait_events("file.dead", 1))[0]["file_id"] == doomed["file_id"]
+
+
+async def test_dead_files_can_be_retried(app_client: AppClient) -> None:
+    async with scripted_app() as app:
+        b = await app_client(
+            topics=[{"name": "sharedchannel_upload", "forward_url": app.url + "/uploads"}]
+        )
+        a = await app_client(outbox={"retry_base": 0.01, "retry_max": 0.05, "max_attempts": 2})
+        rid = await link(a, b)
+        app.answers["/uploads"] = Answer(503)  # B's application is down: A retries, then gives up
+        data = os.urandom(200_000)
+        status, queued = await send(api_of(a), rid, data)
+        assert status == 202
+        file_id = queued["file_id"]
+        await wait_state(api_of(a), rid, file_id, "dead")
+        assert a.server.app[FILESTORE].path(OUTGOING, queued["upload_id"]).exists()  # kept
+        retry = f"{API}/{rid}/files/{file_id}/retry"
+        app.answers["/uploads"] = Answer(200)
+        status, body = await api_of(a).call("POST", retry)
+        assert status == 202 and body == {
+            "file_id": file_id,
+            "upload_id": queued["upload_id"],
+            "state": "queued",
+        }
+        done = await wait_state(api_of(a), rid, file_id, "completed")
+        assert done["offset"] == len(data) and done["last_error"] == ""
+        assert sha(await received_file(b, rid, file_id)) == sha(data)
+        # Only dead files go again; unknown ones are 404.
+        assert (await api_of(a).call("POST", retry))[0] == 409
+        assert (await api_of(a).call("POST", f"{API}/{rid}/files/{new_id()}/retry"))[0] == 404
+
+
+async def test_deleting_a_remote_ends_its_files_and_removes_their_copies(
+    app_client: AppClient,
+) -> None:
+    async with scripted_app() as app:
+        b = await app_client(
+            topics=[{"name": "sharedchannel_upload", "forward_url": app.url + "/uploads"}]
+        )
+        a = await app_client(**FAST)
+        rid = await link(a, b)
+        app.answers["/uploads"] = Answer(503)  # never accepted: the file stays queued
+        status, queued = await send(api_of(a), rid, b"never sent")
+        assert status == 202
+        copy = a.server.app[FILESTORE].path(OUTGOING, queued["upload_id"])
+        assert copy.exists()
+        await eventually(lambda: any(path == "/uploads" for path, _ in app.refused))
+        assert (await api_of(a).call("DELETE", f"{API}/{rid}"))[0] == 204
+        dead = await wait_state(api_of(a), rid, queued["file_id"], "dead")
+        assert dead["last_error"] == "the remote was deleted"
+        await eventually(lambda: not copy.exists())
+        # Finished rows are forgotten after outbox.keep_done.
+        await a.server.app[DATABASE].execute("UPDATE uploads_out SET update_at = 0")
+        await a.server.app[FILE_SENDER].prune()
+        status, _ = await api_of(a).call("GET", f"{API}/{rid}/files/{queued['file_id']}")
+        assert status == 404

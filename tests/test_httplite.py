@@ -188,3 +188,29 @@ async def test_tls_peer(aiohttp_server: object) -> None:
         await ping(untrusting, url)
     assert info.value.reason in ("tls_error", "unreachable")
     untrusting.close()
+
+
+async def test_an_answer_ended_by_the_connection_is_read_to_its_end() -> None:
+    """An HTTP/1.0 answer without a length that arrives in pieces is not cut at the first."""
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + PONG[:7])
+        await writer.drain()
+        await asyncio.sleep(0.1)  # a slow sender: the rest comes later
+        writer.write(PONG[7:])
+        await writer.drain()
+
+    client = LiteClient()
+    async with server(slow) as (url, _):
+        assert await ping(client, url) == (200, PONG)
+    async with server(answering(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 70_000, keep=False)) as (
+        url,
+        _,
+    ):
+        with pytest.raises(PeerError, match="larger than"):
+            await ping(client, url)
+    with pytest.raises(PeerError) as info:
+        await ping(client, "http://127.0.0.1:99999")
+    assert info.value.reason == "bad_url"
+    client.close()

@@ -5,16 +5,18 @@ These run the real app in-process on a real SQLite file (see ``conftest.py``).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from daemon import invites
+from daemon.handlers import common
 from daemon.ids import hash_token, new_id, token_matches
 from daemon.keys import REMOTES
-from daemon.models import Remote, now_ms
-from tests.helpers import API, READER_TOKEN, TEAM_ID, Api
+from daemon.models import InvitePayload, Remote, now_ms
+from tests.helpers import API, OPERATOR_TOKEN, READER_TOKEN, TEAM_ID, Api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,6 +116,24 @@ async def test_malformed_json_and_oversize_body(api: Api) -> None:
     assert await api.remotes(include_deleted="true") == []
 
 
+async def test_a_stalled_body_gets_408(
+    client: TestClient[Any, Any], api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that stops sending mid-body does not hold its handler for ever."""
+    monkeypatch.setattr(common, "BODY_TIMEOUT", 0.3)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"POST {API} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode()
+        + b'{"name": "x"'  # and then nothing more
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 408 ")
+    assert await api.remotes(include_deleted="true") == []
+
+
 # --- auth -------------------------------------------------------------------------------------
 
 
@@ -209,7 +229,9 @@ async def test_list_filters(api: Api, client: TestClient[Any, Any]) -> None:
     "params",
     [
         {"page": "-1"},
+        {"page": "²"},  # str.isdigit() says yes, int() says no
         {"per_page": "x"},
+        {"per_page": "١٢"},
         {"exclude_offline": "yes"},
         {"in_channel": "short"},
         {"topic": "*"},
@@ -325,6 +347,15 @@ async def test_accept_rejects_bad_invites_and_changes_nothing(api: Api) -> None:
         {"name": "ok", "invite": invite, "password": "x"},
     ):
         assert (await api.call("POST", f"{API}/accept_invite", json=payload))[0] == 400
+    # An invite naming a port that cannot exist.
+    bad_port = invites.encrypt(
+        InvitePayload(
+            remote_id=new_id(), site_url="http://127.0.0.1:99999", token=new_id(), version=3
+        ),
+        "the-password",
+    )
+    status, err = await api.accept(bad_port, "the-password", name="other")
+    assert status == 400 and err["id"] == "api.remote_cluster.invalid_invite.app_error"
     # Our own invite: its remote id exists here already.
     status, err = await api.accept(invite, "the-password", name="self")
     assert status == 409 and err["status_code"] == 409

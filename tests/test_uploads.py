@@ -428,3 +428,43 @@ async def test_cancelled_append_never_records_bytes_not_on_disk(tmp_path: Path) 
     data = path.read_bytes()
     assert committed == recorded[-1] == len(data) == 2 * BLOCK
     assert data == b"A" * BLOCK + b"B" * BLOCK
+
+
+async def test_malformed_headers_and_multipart_bodies_get_400_and_change_nothing(
+    client: TestClient[Any, Any], session: aiohttp.ClientSession
+) -> None:
+    peer = await peer_side(client, session)
+    us = await opened(peer, 100)
+    user = new_id()
+    garbage = "multipart/form-data; boundary=zz"
+    cases = [
+        ("upload", b"a" * 10, {"Upload-Offset": "²"}),  # a digit to str.isdigit, not to int
+        ("upload", b"a" * 10, {"Content-Type": "multipart/form-data"}),  # no boundary
+        ("upload", b"a" * 10, {"Content-Type": garbage}),  # no such boundary in the body
+        ("image", png(), {"Content-Type": "multipart/form-data"}),
+        ("image", png(), {"Content-Type": garbage}),
+    ]
+    for target, body, headers in cases:
+        url = f"{peer.url}{API}/upload/{us['id']}" if target == "upload" else (
+            f"{peer.url}{API}/{user}/image"
+        )  # fmt: skip
+        async with session.post(url, data=body, headers={**peer.headers, **headers}) as resp:
+            answer = await resp.json()
+            assert resp.status == 400 and answer["status_code"] == 400, (headers, answer)
+    assert await peer.offset(us["id"]) == (0, 100)
+    store = client.server.app[FILESTORE]
+    assert not store.path(IMAGES, peer.remote_id, user).exists()
+
+
+async def test_concurrent_profile_images_of_one_user(
+    client: TestClient[Any, Any], session: aiohttp.ClientSession
+) -> None:
+    """Each write has its own temporary file: both succeed and the survivor is whole."""
+    peer = await peer_side(client, session)
+    user = new_id()
+    images = [png(40 + i, 40) for i in range(8)]
+    results = await asyncio.gather(*(_image(peer, user, data) for data in images))
+    assert all(result == (200, {"status": "OK"}) for result in results)
+    path = client.server.app[FILESTORE].path(IMAGES, peer.remote_id, user)
+    assert path.read_bytes() in images
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
