@@ -8,7 +8,8 @@ Layout (one module per concern; ``create_app`` in :mod:`daemon.app` wires them t
   :mod:`~daemon.runtime` (listener, signals, systemd, reload, shutdown), :mod:`~daemon.systemd`
   (sd_notify), :mod:`~daemon.config` (strict TOML), :mod:`~daemon.settings` (the live config),
   :mod:`~daemon.logging` (structlog, redaction), :mod:`~daemon.metrics` (Prometheus),
-  :mod:`~daemon.tasks` (background tasks without a request's context).
+  :mod:`~daemon.tasks` (background tasks without a request's context, janitors, work that
+  outlives a cancelled request).
 * HTTP: :mod:`~daemon.routes` (every route and its policy), :mod:`~daemon.middleware`
   (request context, the one error mapping, authentication), :mod:`~daemon.auth` (policies and
   operators), :mod:`~daemon.handlers` (thin handlers), :mod:`~daemon.keys` (typed app keys),
