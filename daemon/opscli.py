@@ -273,6 +273,12 @@ def retry(args: argparse.Namespace) -> None:
     _print_json(answer) if args.json else print(f"queued message {answer['id']} again")
 
 
+def retry_file(args: argparse.Namespace) -> None:
+    """Queue a dead file again."""
+    answer = client_from(args).call("POST", f"{API}/{args.id}/files/{args.file_id}/retry")
+    _print_json(answer) if args.json else print(f"queued file {answer['file_id']} again")
+
+
 Command = Callable[[argparse.Namespace], None]
 Register = Callable[[Any, str, Command, str], argparse.ArgumentParser]
 
@@ -352,6 +358,9 @@ def _traffic_commands(sub: Any, command: Register) -> None:
     p = command(sub, "retry", retry, "queue a dead message again")
     p.add_argument("id")
     p.add_argument("msg_id")
+    p = command(sub, "retry-file", retry_file, "queue a dead file again")
+    p.add_argument("id")
+    p.add_argument("file_id")
 
 
 def run(func: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:

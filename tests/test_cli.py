@@ -126,11 +126,20 @@ async def test_link_send_and_read_back_with_the_cli(tmp_path: Path) -> None:
                 a.url,
             )
 
+            doomed_file = await cli_json(
+                "send-file", rid, str(tmp_path / "photo.jpg"), "--file-id", "f" * 26, "--url", a.url
+            )
+
             async def dead() -> bool:
                 docs = await cli_json("outbox", rid, "--state", "dead", "--url", a.url)
                 return [d["id"] for d in docs] == [doomed["id"]]
 
+            async def file_dead() -> bool:
+                doc = await cli_json("file-status", rid, doomed_file["file_id"], "--url", a.url)
+                return bool(doc["state"] == "dead")
+
             await eventually(dead, timeout=30)
+            await eventually(file_dead, timeout=30)
             a.write_config(outbox={"retry_base": 0.05, "retry_max": 0.3, "max_attempts": 0})
             a.signal(1)
             await b.start()
@@ -141,6 +150,14 @@ async def test_link_send_and_read_back_with_the_cli(tmp_path: Path) -> None:
                 return doomed["id"] in app.msg_ids()
 
             await eventually(redelivered, timeout=30)
+            again = await cli_json("retry-file", rid, doomed_file["file_id"], "--url", a.url)
+            assert again["file_id"] == doomed_file["file_id"] and again["state"] == "queued"
+
+            async def file_sent() -> bool:
+                doc = await cli_json("file-status", rid, doomed_file["file_id"], "--url", a.url)
+                return bool(doc["state"] == "completed")
+
+            await eventually(file_sent, timeout=30)
 
 
 async def test_exit_codes_and_errors(tmp_path: Path) -> None:
