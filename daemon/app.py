@@ -119,6 +119,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     log.info("store.opened", path=str(db.path), remotes=len(remotes.all()))
     yield
     try:
+        await remotes.stop()
         await writer.stop()
     finally:
         await db.close()  # also when the last commit failed: the thread must not outlive us

@@ -7,6 +7,10 @@ an update replaces the record.
 
 Listeners registered with :meth:`Remotes.subscribe` hear about confirmations and deletions,
 so the heartbeat supervisor and the event hook react without the management code knowing them.
+
+Every write and the memory update after it run as one (:func:`~daemon.tasks.unstoppable`): a
+request cancelled while SQLite commits must not leave, say, a deleted remote still
+authenticating from memory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import structlog
 from daemon.ids import id_from_bytes, token_matches
 from daemon.models import Remote, now_ms
 from daemon.store import Database
+from daemon.tasks import Unstoppable, unstoppable
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +91,11 @@ class Remotes:
         self._listeners: list[Listener] = []
         self._liveness_dirty: set[str] = set()
         self.liveness_transactions = 0
+        self.finishing = Unstoppable()
+
+    async def stop(self) -> None:
+        """Wait for writes whose caller was cancelled (before the store closes)."""
+        await self.finishing.wait()
 
     async def load(self) -> None:
         """Load every row; drop remotes whose accept was cut short by a crash.
@@ -166,6 +176,7 @@ class Remotes:
         result.sort(key=lambda rc: (rc.display_name, rc.name))
         return result
 
+    @unstoppable
     async def add(self, remote: Remote) -> None:
         """Insert a new remote; :class:`AlreadyExists` when its id is taken."""
         placeholders = ", ".join("?" for _ in _COLUMNS)
@@ -178,7 +189,8 @@ class Remotes:
             raise AlreadyExists(remote.remote_id) from None
         self._by_id[remote.remote_id] = remote
 
-    async def update(self, remote_id: str, **changes: object) -> Remote | None:
+    @unstoppable
+    async def update(self, remote_id: str, /, **changes: object) -> Remote | None:
         """Change some columns of a remote that is not deleted; ``None`` if it is (or is gone).
 
         The in-memory record is read again after the write: whatever changed it meanwhile
@@ -196,6 +208,7 @@ class Remotes:
         self._by_id[remote_id] = updated
         return updated
 
+    @unstoppable
     async def confirm(
         self,
         remote_id: str,
@@ -228,6 +241,7 @@ class Remotes:
         self._notify(Change.CONFIRMED, remote)
         return remote
 
+    @unstoppable
     async def reissue_invite_token(self, remote_id: str, token_sha256: str) -> bool:
         """Replace a pending remote's invite token; false if it is no longer pending."""
         changed = await self._db.execute(
@@ -248,6 +262,7 @@ class Remotes:
             self._notify(Change.CONFIRMED, remote)
         return remote
 
+    @unstoppable
     async def remove(self, remote_id: str) -> None:
         """Delete a remote's rows for good (only for an accept that did not complete)."""
         async with self._db.transaction() as conn:
@@ -257,6 +272,7 @@ class Remotes:
             await conn.execute("DELETE FROM remote_clusters WHERE remote_id = ?", [remote_id])
         self._by_id.pop(remote_id, None)
 
+    @unstoppable
     async def soft_delete(self, remote_id: str) -> Remote | None:
         """Mark a remote and its shared channels deleted; ``None`` if absent or already so."""
         now = now_ms()

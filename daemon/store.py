@@ -24,6 +24,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ from daemon.migrations import MIGRATIONS
 log = structlog.get_logger(__name__)
 
 DB_FILE = "remoteclusterd.db"
+RETRY_PAUSE = 1.0  # seconds before a failed group commit is tried again
+# SQLITE_BUSY, _LOCKED, _NOMEM, _READONLY, _IOERR, _FULL, _CANTOPEN, _PROTOCOL
+_TRANSIENT_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
 Params = Sequence[Any] | dict[str, Any]
 
 
@@ -148,17 +152,29 @@ class Database:
         return None if row is None else row[0]
 
 
-_Item = tuple[str | None, Params, "asyncio.Future[None] | None"]
+@dataclass(slots=True)
+class _Item:
+    sql: str | None  # None: a marker for flush()
+    params: Params
+    future: asyncio.Future[None]
+    keep: bool  # a write_later: kept and tried again when its batch fails
 
 
 class GroupCommit:
     """Group commit for single statements.
 
     ``await write(sql, params)`` returns once a transaction holding the statement committed
-    (use it before acknowledging anything). ``write_later`` queues without waiting, for
-    bookkeeping that is safe to redo after a crash; it returns a future that completes at the
-    commit. Statements commit in the order they were queued. A failed batch fails the futures
-    of its statements; a failed ``write_later`` is logged.
+    (use it before acknowledging anything); if its batch fails, it raises and the caller
+    acknowledges nothing. ``write_later`` queues without waiting, for bookkeeping whose
+    outcome is already acted on (a message marked delivered); it returns a future that
+    completes at the commit. Statements commit in the order they were queued.
+
+    When the disk fails (full, I/O error), a batch fails its awaited statements but keeps its
+    ``write_later`` ones, which are tried again, ahead of newer ones, after
+    :data:`RETRY_PAUSE`: bookkeeping is never silently dropped while the daemon runs. Only
+    :meth:`stop` gives up on them (logged); a restart then redoes that work. When a statement
+    itself is at fault (a bug), the batch is committed statement by statement so that only
+    that one fails.
     """
 
     def __init__(self, db: Database, *, max_batch: int = 2000) -> None:
@@ -167,6 +183,7 @@ class GroupCommit:
         self._queue: list[_Item] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.commits = 0
 
     def start(self) -> None:
@@ -174,29 +191,33 @@ class GroupCommit:
         self._task = asyncio.create_task(self._run(), name="store.group_commit")
 
     async def stop(self) -> None:
-        """Commit everything queued, then stop."""
-        await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Commit everything queued (one try), then stop."""
+        self._stopping = True
+        try:
+            await self.flush()
+        finally:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
 
     async def write(self, sql: str, params: Params = ()) -> None:
         """Queue a statement and wait until it is committed."""
-        await self.write_later(sql, params)
+        await self._queued(sql, params, keep=False)
 
     def write_later(self, sql: str, params: Params = ()) -> asyncio.Future[None]:
         """Queue a statement; the returned future completes when it is committed."""
+        return self._queued(sql, params, keep=True)
+
+    def _queued(self, sql: str | None, params: Params, *, keep: bool) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((sql, params, future))
+        self._queue.append(_Item(sql, params, future, keep))
         self._wakeup.set()
         return future
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (or failed)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((None, (), future))
-        self._wakeup.set()
+        future = self._queued(None, (), keep=False)
         if self._task is None or self._task.done():
             await self._commit_all()
         await future
@@ -205,39 +226,84 @@ class GroupCommit:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            await self._commit_all()
+            if not await self._commit_all():
+                await asyncio.sleep(RETRY_PAUSE)
+                self._wakeup.set()
 
-    async def _commit_all(self) -> None:
+    async def _commit_all(self) -> bool:
+        """Commit what is queued, batch by batch; False after a failure of the disk."""
         while self._queue:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
-            try:
-                async with self._db.transaction() as conn:
-                    for sql, rows in _grouped(batch):
-                        await conn.executemany(sql, rows)
-            except Exception as exc:
-                log.exception("store.group_commit_failed", error=str(exc), statements=len(batch))
-                for _, _, future in batch:
-                    if future is not None and not future.done():
-                        future.set_exception(exc)
-                        future.exception()  # a write_later nobody awaits must not warn
-                continue
-            self.commits += 1
-            for _, _, future in batch:
-                if future is not None and not future.done():
-                    future.set_result(None)
+            failure = await self._try(batch)
+            if failure is not None and not _transient(failure) and len(batch) > 1:
+                # A statement is at fault, not the disk: each alone, so that it fails alone.
+                for index, item in enumerate(batch):
+                    failure = await self._try([item])
+                    if failure is not None and _transient(failure):
+                        self._give_back(batch[index:], failure)
+                        return False
+                    if failure is not None:
+                        self._fail([item], failure)
+            elif failure is not None and _transient(failure):
+                self._give_back(batch, failure)
+                return False
+            elif failure is not None:
+                self._fail(batch, failure)
+        return True
+
+    async def _try(self, batch: list[_Item]) -> Exception | None:
+        """Commit ``batch`` in one transaction; the exception if that failed."""
+        try:
+            async with self._db.transaction() as conn:
+                for sql, rows in _grouped(batch):
+                    await conn.executemany(sql, rows)
+        except Exception as exc:
+            return exc
+        self.commits += 1
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(None)
+        return None
+
+    def _give_back(self, batch: list[_Item], exc: Exception) -> None:
+        """The disk failed: keep the ``write_later`` statements, ahead of newer ones."""
+        kept = [item for item in batch if item.keep and not self._stopping]
+        self._fail([item for item in batch if not item.keep or self._stopping], exc)
+        self._queue[:0] = kept
+        log.error("store.commit_failed", error=str(exc), kept=len(kept),
+                  retry_in_s=RETRY_PAUSE)  # fmt: skip
+
+    @staticmethod
+    def _fail(batch: list[_Item], exc: Exception) -> None:
+        statements = [item for item in batch if not item.future.done()]
+        for item in statements:
+            item.future.set_exception(exc)
+            item.future.exception()  # a write_later nobody awaits must not warn
+        if statements:
+            log.error("store.statements_failed", error=str(exc), statements=len(statements))
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether a failure is the disk's or the file's (worth another try), not a statement's."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and code is not None
+        and (code & 0xFF in _TRANSIENT_CODES)
+    )
 
 
 def _grouped(batch: list[_Item]) -> list[tuple[str, list[Params]]]:
     """Runs of the same statement, in order, so each run is one ``executemany``."""
     groups: list[tuple[str, list[Params]]] = []
-    for sql, params, _ in batch:
-        if sql is None:
+    for item in batch:
+        if item.sql is None:
             continue
-        if groups and groups[-1][0] == sql:
-            groups[-1][1].append(params)
+        if groups and groups[-1][0] == item.sql:
+            groups[-1][1].append(item.params)
         else:
-            groups.append((sql, [params]))
+            groups.append((item.sql, [item.params]))
     return groups
 
 

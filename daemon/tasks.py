@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def background(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
@@ -85,3 +87,28 @@ class Unstoppable:
     async def wait(self) -> None:
         """Wait for all work still running (at shutdown, before the store closes)."""
         await asyncio.gather(*self._running, return_exceptions=True)
+
+
+class Finishing(Protocol):
+    """An object whose :func:`unstoppable` methods run to their end (awaited by its stop)."""
+
+    finishing: Unstoppable
+
+
+F = TypeVar("F", bound=Finishing)
+
+
+def unstoppable(
+    method: Callable[Concatenate[F, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[F, P], Coroutine[Any, Any, T]]:
+    """Make a coroutine method run to its end even if its caller is cancelled.
+
+    For a write to the store and the in-memory state that mirrors it: cancelled between the
+    two (a client that went away, the shutdown grace running out), memory would disagree with
+    the disk until a restart.
+    """
+
+    async def run_to_end(self: F, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.finishing.run(method(self, *args, **kwargs))
+
+    return functools.update_wrapper(run_to_end, method)

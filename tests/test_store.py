@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import sqlite3
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemon import store
 from daemon.errors import StoreError
 from daemon.ids import hash_token, new_id
 from daemon.migrations import MIGRATIONS
 from daemon.models import Remote, now_ms
 from daemon.remotes import Remotes
-from daemon.store import DB_FILE, Database
+from daemon.store import DB_FILE, Database, GroupCommit
 from tests.helpers import DaemonProcess
 
 
@@ -112,6 +115,99 @@ async def test_concurrent_patch_and_delete_agree_with_the_store(
         assert (remote.delete_at, remote.display_name) == (row["delete_at"], row["display_name"])
         assert (patched is None) == delete_first
         assert remotes.authenticate(rid, token, allow_pending=False)[0] is None
+    finally:
+        await db.close()
+
+
+async def test_group_commit_keeps_bookkeeping_through_a_disk_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed commit fails the awaited statements, keeps and retries the write_later ones."""
+    monkeypatch.setattr(store, "RETRY_PAUSE", 0.01)
+    db = await Database.open(tmp_path)
+    writer = GroupCommit(db)
+    original = db.transaction
+    failures = [1]
+
+    @contextlib.asynccontextmanager
+    async def flaky() -> AsyncIterator[Any]:
+        if failures:
+            failures.pop()
+            error = sqlite3.OperationalError("disk I/O error")
+            error.sqlite_errorcode = 10  # type: ignore[attr-defined]  # SQLITE_IOERR
+            raise error
+        async with original() as conn:
+            yield conn
+
+    try:
+        await db.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+        monkeypatch.setattr(db, "transaction", flaky)
+        later = writer.write_later("INSERT INTO t VALUES (1)")
+        awaited = asyncio.ensure_future(writer.write("INSERT INTO t VALUES (2)"))
+        writer.start()
+        with pytest.raises(sqlite3.OperationalError):
+            await awaited  # not acknowledged: the caller knows
+        await asyncio.wait_for(later, timeout=5)  # committed on the next try
+        assert [r[0] for r in await db.fetchall("SELECT x FROM t")] == [1]
+        # A statement at fault fails alone; the rest of its batch commits.
+        good = writer.write_later("INSERT INTO t VALUES (3)")
+        bad = writer.write_later("INSERT INTO no_such_table VALUES (1)")
+        await asyncio.wait_for(good, timeout=5)
+        with pytest.raises(sqlite3.OperationalError):
+            await bad
+        assert [r[0] for r in await db.fetchall("SELECT x FROM t ORDER BY x")] == [1, 3]
+    finally:
+        await writer.stop()
+        await db.close()
+
+
+@pytest.mark.parametrize("steps", range(0, 40, 3))
+async def test_a_cancelled_deletion_or_confirmation_leaves_memory_and_disk_agreeing(
+    tmp_path: Path, steps: int
+) -> None:
+    """Cancelled at any point (a client gone, the shutdown grace over), a remote's write and
+    its in-memory update happen together: a deleted remote never goes on authenticating."""
+    db = await Database.open(tmp_path)
+    try:
+        remotes = Remotes(db)
+        await remotes.load()
+        rid, pending_id, token, refreshed = new_id(), new_id(), new_id(), new_id()
+        for remote_id, site_url in ((rid, "http://x"), (pending_id, "pending_" + pending_id)):
+            await remotes.add(
+                Remote(
+                    remote_id=remote_id, name="a", display_name="a", site_url=site_url,
+                    default_team_id="", create_at=now_ms(), creator_id=new_id(),
+                    token_sha256=hash_token(token),
+                )
+            )  # fmt: skip
+        tasks = [
+            asyncio.ensure_future(remotes.soft_delete(rid)),
+            asyncio.ensure_future(
+                remotes.confirm(pending_id, expected_token_sha256=hash_token(token),
+                                site_url="http://y", remote_token=new_id(),
+                                token_sha256=hash_token(refreshed))
+            ),
+        ]  # fmt: skip
+        for _ in range(steps):
+            await asyncio.sleep(0)  # let the writes get this far
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await remotes.stop()  # what was cut off has finished
+        rows = {
+            row["remote_id"]: row
+            for row in await db.fetchall(
+                "SELECT remote_id, delete_at, site_url FROM remote_clusters"
+            )
+        }
+        deleted, confirmed = remotes.get(rid), remotes.get(pending_id)
+        assert deleted is not None and confirmed is not None
+        assert deleted.delete_at == rows[rid]["delete_at"]
+        assert confirmed.site_url == rows[pending_id]["site_url"]
+        if deleted.is_deleted:
+            assert remotes.authenticate(rid, token, allow_pending=False)[0] is None
+        if not confirmed.is_pending:
+            assert remotes.authenticate(pending_id, refreshed, allow_pending=False)[0] is not None
     finally:
         await db.close()
 
