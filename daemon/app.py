@@ -187,7 +187,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await lag
     await heartbeat.stop()
-    await inbound.stop()
+    await inbound.stop(grace=app[SETTINGS].config.server.shutdown_grace)
     await outbox.stop()
     await sender.stop()
     await uploads.stop()

@@ -56,7 +56,7 @@ from daemon.peers import PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database
-from daemon.tasks import background, periodic
+from daemon.tasks import Unstoppable, background, periodic, unstoppable
 from daemon.workers import RemoteWorkers, Worker
 
 log = structlog.get_logger(__name__)
@@ -89,6 +89,7 @@ class FileSender:
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._workers = RemoteWorkers("files", self._run)
+        self.finishing = Unstoppable()
         self._janitor: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -109,6 +110,7 @@ class FileSender:
 
     async def stop(self) -> None:
         """Stop every worker; transfers resume at the next start."""
+        await self.finishing.wait()
         tasks = [*self._background, *([self._janitor] if self._janitor else [])]
         for task in tasks:
             task.cancel()
@@ -156,14 +158,22 @@ class FileSender:
             limit=limit,
             progress_timeout=self._settings.config.uploads.progress_timeout,
         )
+        row = (upload_id, file_id, remote.remote_id, upload_id, display_name(filename),
+               channel_id or NO_CHANNEL, user_id or "nouser", size)  # fmt: skip
+        return await self._queue(remote, row)
+
+    @unstoppable
+    async def _queue(self, remote: Remote, row: tuple[str, str, str, str, str, str, str, int]
+                     ) -> dict[str, Any]:  # fmt: skip
+        """Record a saved file and wake its worker (together, even if the request goes)."""
+        upload_id, file_id, size = row[0], row[1], row[7]
         now = now_ms()
         try:
             await self._db.execute(
                 "INSERT INTO uploads_out (upload_id, file_id, remote_id, session_id, filename, "
                 "channel_id, user_id, size, create_at, update_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (upload_id, file_id, remote.remote_id, upload_id, display_name(filename),
-                 channel_id or NO_CHANNEL, user_id or "nouser", size, now, now),
-            )  # fmt: skip
+                (*row, now, now),
+            )
         except sqlite3.IntegrityError:
             await self._store.remove(self._store.path(OUTGOING, upload_id))
             raise Conflict("This file id was already sent to this remote.") from None

@@ -252,7 +252,9 @@ class Heartbeat:
         peer.failures += 1
         changed = exc.reason != peer.last_error
         peer.last_error = exc.reason
-        self._metrics.pings.labels(exc.reason).inc()
+        # By status class: a label per status a peer can make up would grow without bound.
+        label = f"http_{exc.reason[5]}xx" if exc.reason.startswith("http_") else exc.reason
+        self._metrics.pings.labels(label).inc()
         log.log(
             30 if peer.failures == 1 or changed else 20,
             "heartbeat.failed",

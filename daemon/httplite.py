@@ -118,6 +118,9 @@ class LiteClient:
         pool = self._idle.setdefault(key, [])
         while pool:
             connection = pool.pop()
+            if connection.reader.at_eof():  # closed by the server while idle
+                connection.close()
+                continue
             try:
                 return await self._round_trip(key, connection, request, max_answer)
             except _Stale:
@@ -175,43 +178,54 @@ async def _read_answer(reader: asyncio.StreamReader, max_answer: int) -> tuple[R
     if not status_line:
         raise _Stale
     status, keep_alive, headers = await _read_head(reader, status_line)
+    while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints): skip them
+        if status == 101:
+            raise PeerError("bad_response", "the server switched protocols", status)
+        status, keep_alive, headers = await _read_head(reader, await reader.readline())
     length = headers.get("content-length")
-    if status in (204, 304) or 100 <= status < 200:
+    if status in (204, 304):
         body = b""  # no body, whatever the headers say
     elif "chunked" in headers.get("transfer-encoding", "").lower():
-        body = await _read_chunked(reader, max_answer)
+        body = await _read_chunked(reader, max_answer, status)
     elif length is not None:
-        _check_size(int(length), max_answer)
+        _check_size(int(length), max_answer, status)
         body = await reader.readexactly(int(length))
     else:
-        body = await _read_to_end(reader, max_answer)
+        body = await _read_to_end(reader, max_answer, status)
         keep_alive = False
     return Reply(status, CIMultiDictProxy(headers), body), keep_alive
 
 
-async def _read_to_end(reader: asyncio.StreamReader, max_answer: int) -> bytes:
+async def _read_to_end(reader: asyncio.StreamReader, max_answer: int, status: int) -> bytes:
     """A body delimited by the connection's end (HTTP/1.0 style), however it is split."""
     body = bytearray()
     while chunk := await reader.read(65536):
         body += chunk
-        _check_size(len(body), max_answer)
+        _check_size(len(body), max_answer, status)
     return bytes(body)
 
 
-def _check_size(size: int, max_answer: int) -> None:
+def _check_size(size: int, max_answer: int, status: int) -> None:
     if size > max_answer:
-        raise PeerError("bad_response", f"answer larger than {max_answer} bytes")
+        raise PeerError("bad_response", f"answer larger than {max_answer} bytes", status)
 
 
 async def _read_head(
     reader: asyncio.StreamReader, status_line: bytes
 ) -> tuple[int, bool, CIMultiDict[str]]:
     """Parse the status line and the headers; also whether the connection may be kept."""
-    try:
-        version, code, *_ = status_line.decode("latin-1").split(" ", 2)
-        status = int(code)
-    except ValueError:
-        raise PeerError("bad_response", "not an HTTP answer") from None
+    version, _, rest = status_line.decode("latin-1").partition(" ")
+    code = rest[:3]
+    if not (
+        version.startswith("HTTP/1.")
+        and code.isascii()
+        and code.isdigit()
+        and rest[3:4] in ("", " ", "\r", "\n")
+    ):
+        raise PeerError("bad_response", "not an HTTP answer")
+    status = int(code)
+    if not 100 <= status <= 599:
+        raise PeerError("bad_response", f"status {status} is not an HTTP status")
     headers: CIMultiDict[str] = CIMultiDict()
     size = len(status_line)
     while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
@@ -229,7 +243,7 @@ class _Stale(Exception):
     """The connection was closed by the peer before the answer started."""
 
 
-async def _read_chunked(reader: asyncio.StreamReader, max_answer: int) -> bytes:
+async def _read_chunked(reader: asyncio.StreamReader, max_answer: int, status: int) -> bytes:
     body = bytearray()
     while True:
         size = int((await reader.readline()).split(b";", 1)[0].strip() or b"0", 16)
@@ -237,6 +251,6 @@ async def _read_chunked(reader: asyncio.StreamReader, max_answer: int) -> bytes:
             while (await reader.readline()) not in (b"\r\n", b"\n", b""):
                 pass  # trailers
             return bytes(body)
-        _check_size(len(body) + size, max_answer)
+        _check_size(len(body) + size, max_answer, status)
         body += await reader.readexactly(size)
         await reader.readexactly(2)

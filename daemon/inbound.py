@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -77,7 +78,7 @@ class Inbound:
         self._writer = writer
         self._client = client
         self._builtin: dict[str, TopicHandler] = {}
-        self._in_flight: dict[_Key, asyncio.Future[PeerResponse]] = {}
+        self._in_flight: dict[_Key, asyncio.Future[PeerResponse]] = {}  # deliveries under way
         self._janitor: asyncio.Task[None] | None = None
 
     def register(self, topic: str, handler: TopicHandler) -> None:
@@ -98,36 +99,65 @@ class Inbound:
         """Start the janitor that forgets answers older than the dedupe window."""
         self._janitor = periodic(self._prune, JANITOR_PERIOD, name="inbox.prune")
 
-    async def stop(self) -> None:
-        """Stop the janitor."""
+    async def stop(self, grace: float) -> None:
+        """Stop the janitor; give deliveries under way ``grace`` seconds, then cancel them."""
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
+        deliveries = list(self._in_flight.values())
+        if deliveries:
+            _, late = await asyncio.wait(deliveries, timeout=grace)
+            for delivery in late:
+                delivery.cancel()
+            await asyncio.gather(*deliveries, return_exceptions=True)
 
     async def receive(self, remote: Remote, msg: Msg) -> PeerResponse:
-        """Answer one inbound message; raises :class:`LocalUnavailable` for a retry."""
+        """Answer one inbound message; raises :class:`LocalUnavailable` for a retry.
+
+        The delivery (lookup, forward, inbox commit) runs in a task of its own that the
+        request cannot cancel: a peer that hangs up after the local application took the
+        message must not make its retry forward it again because the answer was not yet
+        committed. A repeat arriving meanwhile waits for that same task.
+        """
         handler = self._builtin.get(msg.topic)
         route = None if handler else self.route_for(msg.topic)
         if handler is None and route is None:
             return PeerResponse(status="OK", err="", payload=NULL)
         key = _Key(remote.remote_id, msg.id)
-        if (running := self._in_flight.get(key)) is not None:
-            return await asyncio.shield(running)
-        # Registered before the first await: a repeat arriving meanwhile waits for this one.
-        future: asyncio.Future[PeerResponse] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
+        delivery = self._in_flight.get(key)
+        if delivery is None:
+            # Registered before any await: a repeat arriving meanwhile waits for this one.
+            delivery = asyncio.ensure_future(self._deliver(key, remote, msg, handler, route))
+            self._in_flight[key] = delivery
+            delivery.add_done_callback(lambda _: self._in_flight.pop(key, None))
         try:
-            stored = await self._stored(key)
-            if stored is not None:
-                log.info("msg.repeated", remote_id=remote.remote_id, msg_id=msg.id, topic=msg.topic)
-                future.set_result(stored)
-                return stored
-            if handler is not None:
-                answer = await handler(remote, msg)
-            else:
-                assert route is not None
-                answer = await self.forward(route, remote, msg)
+            return await asyncio.shield(delivery)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if delivery.cancelled() and not (task and task.cancelling()):
+                # Cut short by shutdown, not this request: unanswered, so it will come again.
+                raise LocalUnavailable("the delivery was interrupted") from None
+            raise
+
+    async def _deliver(
+        self,
+        key: _Key,
+        remote: Remote,
+        msg: Msg,
+        handler: TopicHandler | None,
+        route: TopicConfig | None,
+    ) -> PeerResponse:
+        stored = await self._stored(key)
+        if stored is not None:
+            log.info("msg.repeated", remote_id=remote.remote_id, msg_id=msg.id, topic=msg.topic)
+            return stored
+        if handler is not None:
+            answer = await handler(remote, msg)
+        else:
+            assert route is not None
+            answer = await self.forward(route, remote, msg)
+        try:
             await self._writer.write(
                 "INSERT OR REPLACE INTO inbox "
                 "(remote_id, msg_id, topic, status, err, payload, answered_at) "
@@ -135,20 +165,9 @@ class Inbound:
                 (remote.remote_id, msg.id, msg.topic, answer.status, answer.err,
                  bytes(answer.payload), now_ms()),
             )  # fmt: skip
-        except BaseException as exc:
-            # Repeats waiting for this one answer 503 if it was cut short (its peer went away):
-            # the message was not answered, so it will come again.
-            if isinstance(exc, Exception) and not isinstance(exc, asyncio.CancelledError):
-                future.set_exception(exc)
-            else:
-                future.set_exception(LocalUnavailable("the first delivery was interrupted"))
-            future.exception()  # nobody may be waiting
-            raise
-        else:
-            future.set_result(answer)
-            return answer
-        finally:
-            del self._in_flight[key]
+        except sqlite3.Error as exc:
+            raise LocalUnavailable(f"the answer could not be stored: {exc}") from None
+        return answer
 
     async def _stored(self, key: _Key) -> PeerResponse | None:
         row = await self._db.fetchone(
@@ -175,6 +194,12 @@ class Inbound:
                 max_answer=self._settings.config.server.max_frame_size,
             )
         except PeerError as exc:
+            if exc.status is not None and 200 <= exc.status < 300:
+                # It took the message but its answer is unusable (too large): asking the peer
+                # to retry would have it take the message again and again.
+                log.warning("msg.answer_unusable", topic=msg.topic, route=route.name,
+                            msg_id=msg.id, reason=exc.detail)  # fmt: skip
+                return PeerResponse(status="OK", err="", payload=NULL)
             raise LocalUnavailable(f"{route.name}: {exc}") from None
         if 200 <= reply.status < 300:
             return PeerResponse(status="OK", err="", payload=_json_or_null(reply.body, route))

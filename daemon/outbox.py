@@ -45,7 +45,7 @@ from daemon.peers import PeerClient
 from daemon.remotes import Change, Remotes
 from daemon.settings import Settings
 from daemon.store import Database, GroupCommit
-from daemon.tasks import background, periodic
+from daemon.tasks import Unstoppable, background, periodic, unstoppable
 from daemon.workers import RemoteWorkers, Worker
 
 log = structlog.get_logger(__name__)
@@ -90,6 +90,7 @@ class Outbox:
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._workers = RemoteWorkers("outbox", self._run)
+        self.finishing = Unstoppable()  # enqueue and retry: commit and wake-up go together
         self._janitor: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Outcomes recorded but not yet committed, so a status read never goes back in time.
@@ -115,6 +116,7 @@ class Outbox:
 
     async def stop(self) -> None:
         """Stop every worker (what is queued stays queued)."""
+        await self.finishing.wait()
         tasks = list(self._background)
         if self._janitor is not None:
             tasks.append(self._janitor)
@@ -145,6 +147,7 @@ class Outbox:
 
     # --- the local application's side ----------------------------------------------------
 
+    @unstoppable
     async def enqueue(self, remote: Remote, topic: str, payload: bytes) -> str:
         """Commit a message for ``remote`` and return its id (the frame's ``msg.id``)."""
         if not remote.is_confirmed:
@@ -175,6 +178,8 @@ class Outbox:
             raise
         worker.work.set()
         self._metrics.outbox_messages.labels("queued").inc()
+        if (current := self._remotes.get(remote.remote_id)) is None or current.is_deleted:
+            await self._bury_all(remote.remote_id, "the remote was deleted")  # while committing
         return msg_id
 
     async def status(self, remote_id: str, msg_id: str) -> dict[str, Any]:
@@ -205,6 +210,7 @@ class Outbox:
             doc.pop("response", None)
         return docs
 
+    @unstoppable
     async def retry(self, remote: Remote, msg_id: str) -> dict[str, Any]:
         """Queue a dead message again, behind what is queued now, with a fresh attempt count."""
         now = now_ms()

@@ -214,3 +214,29 @@ async def test_an_answer_ended_by_the_connection_is_read_to_its_end() -> None:
         await ping(client, "http://127.0.0.1:99999")
     assert info.value.reason == "bad_url"
     client.close()
+
+
+async def test_interim_answers_are_skipped_and_odd_statuses_refused() -> None:
+    """A 103 before the answer never makes two requests share one answer."""
+    count = 0
+
+    async def hinting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        while True:
+            await read_request(reader)
+            count += 1
+            body = f'{{"for":{count}}}'.encode()
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok(body=body))
+            await writer.drain()
+
+    client = LiteClient()
+    async with server(hinting) as (url, connections):
+        assert await ping(client, url) == (200, b'{"for":1}')
+        assert await ping(client, url) == (200, b'{"for":2}')
+    assert len(connections) == 1
+    for status_line in (b"HTTP/1.1 2000 OK", b"HTTP/1.1 999 Odd", b"HTTP/1.1 20 Short"):
+        async with server(answering(status_line + b"\r\nContent-Length: 0\r\n\r\n")) as (url, _):
+            with pytest.raises(PeerError) as info:
+                await ping(client, url)
+            assert info.value.reason == "bad_response", status_line
+    client.close()

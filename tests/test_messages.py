@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from daemon.delivery import backoff_delay
 from daemon.ids import hash_token, new_id
+from daemon.keys import DATABASE, OUTBOX, WRITER
 from tests.conftest import AppClient
 from tests.fakes import Answer, FakePeer, ScriptedApp, fake_peers, scripted_app
 from tests.helpers import API, Api, eventually, transport_call
@@ -163,6 +164,50 @@ async def test_final_answers_are_given_once(
         assert app.msg_ids().count(twin["msg"]["id"]) == 1
 
 
+async def test_a_peer_hanging_up_does_not_get_its_message_forwarded_twice(
+    app_client: AppClient, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The application took the message; the peer gives up while the answer is being
+    committed (a slow disk) and sends the message again at once: the retry waits for the
+    first delivery, which goes on, instead of forwarding the message a second time."""
+    async with scripted_app() as app:
+        rx = await receiver(app_client, app)
+        writer = rx.client.server.app[WRITER]
+        commit_all = writer._commit_all
+
+        async def slow_disk() -> bool:
+            await asyncio.sleep(0.3)
+            return await commit_all()
+
+        monkeypatch.setattr(writer, "_commit_all", slow_disk)
+        app.answers["/topic"] = Answer(200, b'{"v": 1}')
+        body = frame(rx.remote_id)
+        headers = {"X-RemoteCluster-Id": rx.remote_id, "X-RemoteCluster-Token": rx.token}
+        with pytest.raises(TimeoutError):
+            async with session.post(
+                rx.url + MSG, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=0.1)
+            ) as resp:
+                await resp.read()
+        assert app.msg_ids() == [body["msg"]["id"]]  # taken before the peer gave up
+        status, answer = await rx.send(session, body)
+        assert (status, answer["payload"]) == (200, {"v": 1})
+        assert app.msg_ids() == [body["msg"]["id"]]
+
+
+async def test_an_unusable_success_answer_is_not_retried(
+    app_client: AppClient, session: aiohttp.ClientSession
+) -> None:
+    """A 2xx whose body is too large still means the application took the message."""
+    async with scripted_app() as app:
+        rx = await receiver(app_client, app)
+        app.answers["/topic"] = Answer(200, b'{"x": "' + b"a" * 300_001 + b'"}')
+        body = frame(rx.remote_id)
+        ok = (200, {"status": "OK", "err": "", "payload": None})
+        assert await rx.send(session, body) == ok
+        assert await rx.send(session, body) == ok  # answered from the inbox
+        assert app.msg_ids() == [body["msg"]["id"]]
+
+
 @pytest.mark.parametrize(
     ("mutate", "status"),
     [
@@ -224,6 +269,27 @@ async def test_outbox_full_is_429(app_client: AppClient) -> None:
         assert status == 202 and body["state"] == "queued"
     status, body = await api.call("POST", path, json={"topic": "t", "payload": {"a": 1}})
     assert status == 429 and body["id"] == "api.remote_cluster.outbox_full.app_error"
+
+
+@pytest.mark.parametrize("steps", range(0, 12, 2))
+async def test_a_cancelled_enqueue_is_counted_if_it_committed(
+    app_client: AppClient, steps: int
+) -> None:
+    """A local application gone while its message commits: the message is queued (and counts
+    against ``max_queued``) or it is not; the cap is never overshot."""
+    client = await app_client(outbox={"max_queued": 2, "retry_base": 30, "retry_max": 60})
+    api = Api(client.session, str(client.make_url("")).rstrip("/"))
+    remote = await add_remote(client, name="down", site_url="http://127.0.0.1:9")
+    enqueue = asyncio.ensure_future(client.server.app[OUTBOX].enqueue(remote, "t", b"1"))
+    for _ in range(steps):
+        await asyncio.sleep(0)  # let it get this far
+    enqueue.cancel()
+    await asyncio.gather(enqueue, return_exceptions=True)
+    path = f"{API}/{remote.remote_id}/msg"
+    while (await api.call("POST", path, json={"topic": "t", "payload": 1}))[0] == 202:
+        pass
+    db = client.server.app[DATABASE]
+    assert await db.scalar("SELECT count(*) FROM outbox WHERE state = 'queued'") == 2
 
 
 async def test_delivery_rejection_and_death(app_client: AppClient) -> None:
