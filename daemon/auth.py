@@ -21,6 +21,7 @@ import hmac
 from dataclasses import dataclass
 
 from daemon.config import OperatorConfig
+from daemon.ids import token_bytes
 from daemon.remotes import creator_id_for
 from daemon.settings import Settings
 
@@ -80,7 +81,7 @@ def bearer_digest(authorization: str) -> bytes | None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    return hashlib.sha256(token.strip().encode("utf-8")).digest()
+    return hashlib.sha256(token_bytes(token.strip())).digest()
 
 
 def bearer_matches(authorization: str, digest_hex: str) -> bool:

@@ -356,6 +356,7 @@ class Heartbeat:
                 continue
             yield RemoteGauges(
                 name=remote.name,
+                remote_id=remote.remote_id,
                 up=remote.online_announced,
                 last_ping_age_seconds=(now - remote.last_ping_at) / 1000
                 if remote.last_ping_at

@@ -60,13 +60,19 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def token_bytes(token: str) -> bytes:
+    """A presented token's bytes as they came: aiohttp decodes header bytes that are not
+    UTF-8 as surrogates, which plain ``encode`` would refuse (a 500 instead of a 401)."""
+    return token.encode("utf-8", "surrogateescape")
+
+
 def token_matches(token: str, digest_hex: str) -> bool:
     """Compare a presented token with a stored digest in constant time.
 
     Digests of equal length are compared, so neither the token's length nor its content shows
     in the timing.
     """
-    presented = hashlib.sha256(token.encode("utf-8")).digest()
+    presented = hashlib.sha256(token_bytes(token)).digest()
     try:
         stored = bytes.fromhex(digest_hex)
     except ValueError:

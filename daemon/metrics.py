@@ -24,6 +24,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PREFIX = "remoteclusterd"
+# Per-remote series carry the name (for people) and the id (names need not be unique).
+LABELS = ["remote", "remote_id"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,7 @@ class RemoteGauges:
     """One remote's liveness figures, read at scrape time."""
 
     name: str
+    remote_id: str
     up: bool
     last_ping_age_seconds: float | None
     rtt_seconds: float | None
@@ -42,43 +45,42 @@ class _RemoteCollector(Collector):
         self._source = source
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily(
-            f"{PREFIX}_remote_up", "1 while the remote is online", labels=["remote"]
-        )
+        up = GaugeMetricFamily(f"{PREFIX}_remote_up", "1 while the remote is online", labels=LABELS)
         age = GaugeMetricFamily(
             f"{PREFIX}_remote_last_ping_age_seconds",
             "Seconds since the last successful outbound ping",
-            labels=["remote"],
+            labels=LABELS,
         )
         rtt = GaugeMetricFamily(
-            f"{PREFIX}_remote_ping_rtt_seconds", "Round trip of the last ping", labels=["remote"]
+            f"{PREFIX}_remote_ping_rtt_seconds", "Round trip of the last ping", labels=LABELS
         )
         skew = GaugeMetricFamily(
             f"{PREFIX}_remote_clock_skew_seconds",
             "Estimated clock offset of the remote (positive: its clock is ahead)",
-            labels=["remote"],
+            labels=LABELS,
         )
         for gauges in self._source():
-            up.add_metric([gauges.name], 1.0 if gauges.up else 0.0)
+            labels = [gauges.name, gauges.remote_id]
+            up.add_metric(labels, 1.0 if gauges.up else 0.0)
             if gauges.last_ping_age_seconds is not None:
-                age.add_metric([gauges.name], gauges.last_ping_age_seconds)
+                age.add_metric(labels, gauges.last_ping_age_seconds)
             if gauges.rtt_seconds is not None:
-                rtt.add_metric([gauges.name], gauges.rtt_seconds)
+                rtt.add_metric(labels, gauges.rtt_seconds)
             if gauges.clock_skew_seconds is not None:
-                skew.add_metric([gauges.name], gauges.clock_skew_seconds)
+                skew.add_metric(labels, gauges.clock_skew_seconds)
         yield from (up, age, rtt, skew)
 
 
 class _DepthCollector(Collector):
-    def __init__(self, source: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, source: Callable[[], dict[tuple[str, str], int]]) -> None:
         self._source = source
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
-            f"{PREFIX}_outbox_queued", "Messages waiting for delivery", labels=["remote"]
+            f"{PREFIX}_outbox_queued", "Messages waiting for delivery", labels=LABELS
         )
-        for name, queued in sorted(self._source().items()):
-            depth.add_metric([name], float(queued))
+        for (name, remote_id), queued in sorted(self._source().items()):
+            depth.add_metric([name, remote_id], float(queued))
         yield depth
 
 
@@ -186,8 +188,8 @@ class Metrics:
             await asyncio.sleep(period)
             self.loop_lag.observe(max(0.0, loop.time() - expected))
 
-    def watch_outbox(self, source: Callable[[], dict[str, int]]) -> None:
-        """Report the outbox depth per remote name from ``source`` at every scrape."""
+    def watch_outbox(self, source: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Report the outbox depth per remote (name, id) from ``source`` at every scrape."""
         self.registry.register(_DepthCollector(source))
 
     def watch_remotes(self, source: Callable[[], Iterable[RemoteGauges]]) -> None:

@@ -137,12 +137,11 @@ class Outbox:
             self._background.add(task)  # a reference until it finishes; awaited at stop
             task.add_done_callback(self._background.discard)
 
-    def _depths(self) -> dict[str, int]:
+    def _depths(self) -> dict[tuple[str, str], int]:
         depths = {}
         for worker in self._workers:
-            remote = self._remotes.get(worker.remote_id)
-            if remote is not None:
-                depths[remote.name] = worker.queued
+            if (remote := self._remotes.get(worker.remote_id)) is not None:
+                depths[remote.name, remote.remote_id] = worker.queued
         return depths
 
     # --- the local application's side ----------------------------------------------------

@@ -351,4 +351,8 @@ async def metrics(
 def sample(
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
 ) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The value of the one series of ``name`` whose labels include ``labels`` (0 if none)."""
+    wanted = set(labels.items())
+    found = [v for (n, ls), v in samples.items() if n == name and wanted <= set(ls)]
+    assert len(found) <= 1, f"{name} {labels} matches {len(found)} series"
+    return found[0] if found else 0.0

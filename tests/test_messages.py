@@ -15,7 +15,7 @@ from daemon.ids import hash_token, new_id
 from daemon.keys import DATABASE, OUTBOX, WRITER
 from tests.conftest import AppClient
 from tests.fakes import Answer, FakePeer, ScriptedApp, fake_peers, scripted_app
-from tests.helpers import API, Api, eventually, transport_call
+from tests.helpers import API, Api, eventually, metrics, sample, transport_call
 from tests.test_management import add_remote
 
 MSG = f"{API}/msg"
@@ -269,6 +269,26 @@ async def test_outbox_full_is_429(app_client: AppClient) -> None:
         assert status == 202 and body["state"] == "queued"
     status, body = await api.call("POST", path, json={"topic": "t", "payload": {"a": 1}})
     assert status == 429 and body["id"] == "api.remote_cluster.outbox_full.app_error"
+
+
+async def test_outbox_depth_per_remote_even_when_names_repeat(
+    app_client: AppClient, session: aiohttp.ClientSession
+) -> None:
+    client = await app_client(outbox={"retry_base": 30, "retry_max": 60})
+    api = Api(client.session, str(client.make_url("")).rstrip("/"))
+    twins = [await add_remote(client, name="twin", site_url="http://127.0.0.1:9") for _ in "ab"]
+    for count, remote in enumerate(twins, start=1):
+        for _ in range(count):
+            status, _ = await api.call(
+                "POST", f"{API}/{remote.remote_id}/msg", json={"topic": "t", "payload": 1}
+            )
+            assert status == 202
+    samples = await metrics(session, api.base_url)
+    for count, remote in enumerate(twins, start=1):
+        depth = sample(
+            samples, "remoteclusterd_outbox_queued", remote="twin", remote_id=remote.remote_id
+        )
+        assert depth == count
 
 
 @pytest.mark.parametrize("steps", range(0, 12, 2))

@@ -87,6 +87,29 @@ async def test_bad_credentials_get_one_identical_401(
     assert bodies[0]["id"] == "api.context.invalid_token.error"
 
 
+async def test_credentials_that_are_not_utf8_get_401(
+    client: TestClient[Any, Any], session: aiohttp.ClientSession
+) -> None:
+    """Header bytes that are not UTF-8 are just a wrong token, on every kind of route."""
+    remote = await add_remote(client, token_sha256=hash_token(new_id()))
+    cases = [
+        (b"GET", API, b"Authorization: Bearer \xff\xfe"),
+        (b"GET", "/metrics", b"Authorization: Bearer \xff"),  # open here: 200, never a 500
+        (b"POST", PING, b"X-RemoteCluster-Id: " + remote.remote_id.encode()
+         + b"\r\nX-RemoteCluster-Token: \xff\xfe"),
+    ]  # fmt: skip
+    for method, path, header in cases:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + header
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )  # fmt: skip
+        status_line = await reader.readline()
+        writer.close()
+        expected = b"200" if path == "/metrics" else b"401"
+        assert status_line.split()[1] == expected, (path, status_line)
+
+
 @pytest.mark.parametrize(
     ("mutate", "error_id"),
     [
