@@ -108,22 +108,26 @@ def apply_config(app: web.Application, new: Config) -> list[str]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     config = app[SETTINGS].config
-    db = await Database.open(config.data_dir)
-    app[DATABASE] = db
-    writer = GroupCommit(db)
-    app[WRITER] = writer
-    writer.start()
-    remotes = Remotes(db)
-    await remotes.load()
-    app[REMOTES] = remotes
-    log.info("store.opened", path=str(db.path), remotes=len(remotes.all()))
-    yield
-    try:
-        await remotes.stop()
-        await writer.stop()
-    finally:
-        await db.close()  # also when the last commit failed: the thread must not outlive us
-        log.info("store.closed")
+    async with contextlib.AsyncExitStack() as opened:
+        db = await Database.open(config.data_dir)
+        # Closed last, also when a commit failed: the database thread must not outlive us.
+        opened.push_async_callback(_close_store, db)
+        app[DATABASE] = db
+        writer = GroupCommit(db)
+        app[WRITER] = writer
+        writer.start()
+        opened.push_async_callback(writer.stop)
+        remotes = Remotes(db)
+        opened.push_async_callback(remotes.stop)
+        await remotes.load()
+        app[REMOTES] = remotes
+        log.info("store.opened", path=str(db.path), remotes=len(remotes.all()))
+        yield
+
+
+async def _close_store(db: Database) -> None:
+    await db.close()
+    log.info("store.closed")
 
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
@@ -134,9 +138,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         client_session(agent, limit_per_host=64) as local_session,
     ):
         peer_lite = LiteClient()
-        app[PEERS] = PeerClient(
-            peer_session, peer_lite, max_body=settings.config.server.max_frame_size
-        )
+        app[PEERS] = PeerClient(peer_session, peer_lite, settings)
         app[LOCAL_HTTP] = local_session
         app[FORWARDER] = forwarder = LiteClient()
         events = EventSink(settings, local_session)
@@ -175,19 +177,27 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     app[FILE_SENDER] = sender
     heartbeat.subscribe(sender.wake)
-    await uploads.start()
-    await sender.start()
-    await outbox.start()
-    inbound.start()
-    heartbeat.start()
-    lag = asyncio.create_task(app[METRICS].watch_loop_lag(), name="metrics.loop_lag")
-    yield
-    await app[LINKS].stop()  # first: a confirmation it finishes starts a ping loop
-    lag.cancel()
+    # Each service is stopped (in reverse) only if it started, and one failing to stop does
+    # not keep the others running while the store and the client sessions close under them.
+    async with contextlib.AsyncExitStack() as running:
+        await uploads.start()
+        running.push_async_callback(uploads.stop)
+        await sender.start()
+        running.push_async_callback(sender.stop)
+        await outbox.start()
+        running.push_async_callback(outbox.stop)
+        inbound.start()
+        running.push_async_callback(inbound.stop, app[SETTINGS].config.server.shutdown_grace)
+        heartbeat.start()
+        running.push_async_callback(heartbeat.stop)
+        lag = asyncio.create_task(app[METRICS].watch_loop_lag(), name="metrics.loop_lag")
+        running.push_async_callback(_cancel, lag)
+        # First to stop: a confirmation it finishes starts a ping loop.
+        running.push_async_callback(app[LINKS].stop)
+        yield
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await lag
-    await heartbeat.stop()
-    await inbound.stop(grace=app[SETTINGS].config.server.shutdown_grace)
-    await outbox.stop()
-    await sender.stop()
-    await uploads.stop()
+        await task

@@ -274,6 +274,13 @@ def _validate(cfg: Config, base: Path) -> Config:
             raise ConfigError(
                 f"metrics.allow_from[{i}]: not an IP address or network: {network!r}"
             ) from None
+    beat = cfg.heartbeat
+    if beat.offline_after <= beat.interval * (1 + beat.jitter):
+        # Otherwise a healthy peer ages out before its next ping and flaps offline/online.
+        raise ConfigError(
+            "heartbeat.offline_after: must be longer than heartbeat.interval * (1 + jitter) "
+            f"= {beat.interval * (1 + beat.jitter):g} s"
+        )
     if cfg.outbox.retry_max < cfg.outbox.retry_base:
         raise ConfigError("outbox.retry_max: must not be smaller than outbox.retry_base")
     data_dir = Path(cfg.storage.data_dir)

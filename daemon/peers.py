@@ -19,6 +19,7 @@ import aiohttp
 
 from daemon.errors import PeerError
 from daemon.httplite import LiteClient, Reply
+from daemon.settings import Settings
 
 HEADER_REMOTE_ID = "X-RemoteCluster-Id"
 HEADER_REMOTE_TOKEN = "X-RemoteCluster-Token"  # noqa: S105 - a header name, not a secret
@@ -63,10 +64,17 @@ class PeerClient:
     shared aiohttp session.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, lite: LiteClient, *, max_body: int) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, lite: LiteClient, settings: Settings
+    ) -> None:
         self._session = session
         self._lite = lite
-        self._max_body = max_body
+        self._settings = settings
+
+    @property
+    def _max_body(self) -> int:
+        """Answers are capped like bodies, at the live ``server.max_frame_size``."""
+        return self._settings.config.server.max_frame_size
 
     async def post(
         self,

@@ -61,10 +61,12 @@ async def serve(config: Config, config_path: str | Path | None = None) -> int:
         log.info("daemon.stopping", signal=signum.name)
         stop.set()
 
+    reloading = asyncio.Lock()  # one reload at a time, in signal order: the newest file wins
+
     def on_reload() -> None:
         if config_path is None or stop.is_set():
             return
-        task = asyncio.create_task(_reload(app, config_path))
+        task = asyncio.create_task(_reload(app, config_path, reloading))
         background.add(task)
         task.add_done_callback(background.discard)
 
@@ -118,19 +120,22 @@ def _tune_gc() -> None:
     gc.set_threshold(10_000, middle, oldest)
 
 
-async def _reload(app: web.Application, config_path: str | Path) -> None:
+async def _reload(app: web.Application, config_path: str | Path, lock: asyncio.Lock) -> None:
     """Re-read the config file; apply it if valid, keep the running one if not."""
-    notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-    try:
-        new = await asyncio.to_thread(load, config_path)
-    except ConfigError as exc:
-        log.error("config.reload_failed", reason=str(exc), kept="the running configuration")
-    else:
-        fixed = apply_config(app, new)
-        log.info("config.reloaded", path=str(config_path))
-        if fixed:
-            log.warning("config.restart_needed", keys=fixed, reason="these apply at the next start")
-    notify("READY=1")
+    async with lock:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        try:
+            new = await asyncio.to_thread(load, config_path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", reason=str(exc), kept="the running configuration")
+        else:
+            fixed = apply_config(app, new)
+            log.info("config.reloaded", path=str(config_path))
+            if fixed:
+                log.warning("config.restart_needed", keys=fixed,
+                            reason="these apply at the next start")  # fmt: skip
+        notify("READY=1")
 
 
 async def _watchdog(app: web.Application, period: float) -> None:

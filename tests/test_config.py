@@ -72,6 +72,7 @@ def test_fractional_durations(tmp_path: Path) -> None:
         ({"server": {"listen": "127.0.0.1:70000", "site_url": "http://a"}}, "server.listen: port must be"),
         ({"server": {"listen": "127.0.0.1:1", "site_url": "ftp://a"}}, "server.site_url: must start with http"),
         ({"heartbeat": {"interval": -1}}, "heartbeat.interval: expected `float` > 0"),
+        ({"heartbeat": {"interval": 60, "offline_after": 60}}, "heartbeat.offline_after: must be longer than heartbeat.interval * (1 + jitter) = 66 s"),
         ({"log": {"format": "xml"}}, "log.format: invalid enum value 'xml'"),
         ({"operators": []}, "operators: at least one"),
         ({"operators": [{"name": "a", "token_sha256": "nothex"}]}, "operators[0].token_sha256: must be 64"),
